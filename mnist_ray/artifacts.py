@@ -1,0 +1,141 @@
+"""The run directory: where a training run's model, metadata, history and metrics live.
+
+```
+runs/<timestamp>/
+  config.json     the full configuration (what --resume reads back)
+  model.keras     the model; loads with plain tf_keras.models.load_model
+  metadata.json   data source + fingerprint, config, input contract, versions, git commit, metrics
+  history.json    one record per epoch (also history.csv)
+  metrics.json    test-set metrics
+  ray_train/      Ray Train's checkpoints, unless --storage-path points elsewhere
+runs/latest  ->   the newest completed run
+```
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import time
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+
+from mnist_ray.schema import CLASS_NAMES, IMAGE_SHAPE, PIXEL_MAX, PIXEL_MIN
+
+MODEL_FILE = "model.keras"
+CONFIG_FILE = "config.json"
+METADATA_FILE = "metadata.json"
+HISTORY_JSON = "history.json"
+HISTORY_CSV = "history.csv"
+METRICS_FILE = "metrics.json"
+LATEST = "latest"
+DEFAULT_RUNS_DIR = "runs"
+
+# What a saved model expects and returns; scoring checks models against this.
+INPUT_CONTRACT = {
+    "input": {"shape": list(IMAGE_SHAPE), "dtype": "uint8", "range": [PIXEL_MIN, PIXEL_MAX]},
+    "csv_pixel_order": "pixelK is image row K // 28, column K % 28",
+    "output": "softmax probabilities, one per class, in class_labels order",
+}
+VERSIONED_PACKAGES = ("mnist-ray", "ray", "tensorflow", "tf-keras", "numpy", "pandas", "pyarrow")
+
+
+def new_run_dir(runs_dir: str | Path = DEFAULT_RUNS_DIR) -> Path:
+    """A fresh ``runs/<YYYYmmdd-HHMMSS>`` directory (suffixed if that second is taken)."""
+    base = Path(runs_dir) / time.strftime("%Y%m%d-%H%M%S")
+    candidate, n = base, 1
+    while candidate.exists():
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    candidate.mkdir(parents=True)
+    return candidate
+
+
+def resolve_run_dir(path: str | Path) -> Path:
+    """Resolve a run directory, following ``runs/latest``; raises if it holds no run."""
+    run_dir = Path(path).resolve()
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{path}: not a run directory (no {CONFIG_FILE})")
+    return run_dir
+
+
+def update_latest(run_dir: Path) -> None:
+    """Point ``<runs>/latest`` at ``run_dir`` atomically (symlink replaced by rename)."""
+    link = run_dir.parent / LATEST
+    tmp = run_dir.parent / f".{LATEST}.{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(run_dir.name)
+    os.replace(tmp, link)
+
+
+def write_json(path: Path, payload: object) -> None:
+    """Write JSON via a temporary file and rename, so readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def write_history(run_dir: Path, history: list[dict]) -> None:
+    write_json(run_dir / HISTORY_JSON, history)
+    if not history:
+        return
+    tmp = run_dir / f".{HISTORY_CSV}.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, run_dir / HISTORY_CSV)
+
+
+def build_metadata(*, config: dict, data: dict, metrics: dict, best_epoch: dict) -> dict:
+    return {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "model_file": MODEL_FILE,
+        "class_labels": CLASS_NAMES,
+        "input_contract": INPUT_CONTRACT,
+        "config": config,
+        "data": data,
+        "selected_epoch": best_epoch,
+        "test_metrics": {k: metrics[k] for k in ("count", "accuracy", "macro_f1", "errors")},
+        "versions": library_versions(),
+        "git_commit": git_commit(),
+    }
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def git_commit() -> str | None:
+    """The commit of the code that ran, with ``-dirty`` if it had local changes; None outside git."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here, capture_output=True, text=True, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+def load_model(run_dir: str | Path):
+    """Load a run's model in safe mode (a model file cannot run code while loading)."""
+    import tf_keras as keras
+
+    return keras.models.load_model(Path(run_dir) / MODEL_FILE, safe_mode=True)

@@ -1,0 +1,141 @@
+"""One training run end to end: data → Ray Train → test evaluation → run directory.
+
+This is what ``jobs/train.py`` runs. The test set is touched once, at the end,
+to report on the model chosen by validation accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from mnist_ray import artifacts
+from mnist_ray.cli import EXIT_OK, SMOKE_TEST_LIMIT, train_parser
+from mnist_ray.data import DataSplits, dataset_to_arrays, load_splits
+from mnist_ray.evaluation import classification_metrics, metrics_table
+from mnist_ray.training import MODEL_FILE, STATE_FILE, TrainConfig, fit_distributed
+
+# Flags that are not part of TrainConfig but are saved with the run so --resume can replay them.
+DATA_KEYS = ("data", "limit", "val_fraction", "test_fraction")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = train_parser().parse_args(argv)
+    if args.smoke_test:
+        args.limit = min(args.limit or SMOKE_TEST_LIMIT, SMOKE_TEST_LIMIT)
+        args.epochs = 1
+    if args.mixed_precision and not args.use_gpu:
+        train_parser().error("--mixed-precision needs --use-gpu (float16 is slower on CPUs)")
+    connect_ray(args.address)
+    run_dir, settings = prepare_run(args)
+    run_training(run_dir, settings)
+    return EXIT_OK
+
+
+def connect_ray(address: str | None) -> None:
+    """Connect to ``address`` (a cluster) or, if None, start Ray on this machine."""
+    if not ray.is_initialized():
+        ray.init(address=address, logging_level="WARNING")
+    # Ray Data logs every dataset execution at INFO: noise next to our progress lines.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def prepare_run(args: argparse.Namespace) -> tuple[Path, dict]:
+    """Create (or, with --resume, reopen) the run directory and fix its settings."""
+    if args.resume:
+        run_dir = artifacts.resolve_run_dir(args.resume)
+        settings = artifacts.read_json(run_dir / artifacts.CONFIG_FILE)
+        print(f"resuming {run_dir}", flush=True)
+        return run_dir, settings
+    if args.output_dir:
+        run_dir = Path(args.output_dir).resolve()
+        if (run_dir / artifacts.CONFIG_FILE).exists():
+            raise FileExistsError(f"{run_dir} already holds a run; use --resume {run_dir} to continue it")
+        run_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        run_dir = artifacts.new_run_dir().resolve()
+    cpus = args.cpus_per_worker or default_cpus_per_worker(args.num_workers)
+    config = TrainConfig.from_dict(vars(args) | {"cpus_per_worker": cpus})
+    settings = {
+        "train": asdict(config),
+        **{key: getattr(args, key) for key in DATA_KEYS},
+        "storage_path": args.storage_path or str(run_dir / "ray_train"),
+        "run_name": run_dir.name,
+    }
+    artifacts.write_json(run_dir / artifacts.CONFIG_FILE, settings)
+    return run_dir, settings
+
+
+def default_cpus_per_worker(num_workers: int) -> int:
+    """The cluster's CPUs shared evenly among the workers (at least one each)."""
+    return max(1, int(ray.cluster_resources().get("CPU", 1)) // num_workers)
+
+
+def run_training(run_dir: Path, settings: dict) -> dict:
+    """Train as ``settings`` say, evaluate on the test set, and fill ``run_dir``. Returns test metrics."""
+    started = time.time()
+    config = TrainConfig.from_dict(settings["train"])
+    splits = load_splits(
+        settings["data"],
+        val_fraction=settings["val_fraction"],
+        test_fraction=settings["test_fraction"],
+        limit=settings["limit"],
+        seed=config.seed,
+    )
+    rows = splits.description["rows"]
+    print(
+        f"data: {rows['train']:,} train / {rows['val']:,} validation / {rows['test']:,} test images "
+        f"({', '.join(settings['data'])}); {config.num_workers} workers × {config.cpus_per_worker} CPU"
+        f"{' + 1 GPU' if config.use_gpu else ''}, global batch {config.global_batch_size}",
+        flush=True,
+    )
+    result = fit_distributed(
+        config, splits.train, splits.val, run_name=settings["run_name"], storage_path=settings["storage_path"]
+    )
+    if result.error:
+        raise result.error
+    best_checkpoint, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["val_accuracy"])
+    with best_checkpoint.as_directory() as ckpt_dir:
+        shutil.copyfile(Path(ckpt_dir) / MODEL_FILE, run_dir / MODEL_FILE)
+    with result.checkpoint.as_directory() as ckpt_dir:
+        history = json.loads((Path(ckpt_dir) / STATE_FILE).read_text())["history"]
+
+    metrics = evaluate_on_test(run_dir, splits)
+    artifacts.write_history(run_dir, history)
+    artifacts.write_json(run_dir / artifacts.METRICS_FILE, metrics)
+    metadata = artifacts.build_metadata(
+        config=settings, data=splits.description, metrics=metrics, best_epoch=best_metrics
+    )
+    metadata["wall_seconds"] = round(time.time() - started, 1)
+    artifacts.write_json(run_dir / artifacts.METADATA_FILE, metadata)
+    artifacts.update_latest(run_dir)
+    print_summary(run_dir, metrics, best_metrics, len(history), metadata["wall_seconds"])
+    return metrics
+
+
+def evaluate_on_test(run_dir: Path, splits: DataSplits) -> dict:
+    """Metrics of the saved model (reloaded from disk, as a user would) on the test set."""
+    images, labels = dataset_to_arrays(splits.test)
+    model = artifacts.load_model(run_dir)
+    proba = model.predict(images, batch_size=1024, verbose=0)
+    return classification_metrics(labels, np.argmax(proba, axis=1))
+
+
+def print_summary(run_dir: Path, metrics: dict, best: dict, epochs_run: int, seconds: float) -> None:
+    print(
+        f"\nselected epoch {best['epoch']} of {epochs_run} by validation accuracy "
+        f"({best['val_accuracy']:.4f})\n"
+        f"test accuracy {metrics['accuracy']:.4%} ({metrics['count'] - metrics['errors']:,}/"
+        f"{metrics['count']:,})  macro F1 {metrics['macro_f1']:.4f}  wall time {seconds:.0f}s\n\n"
+        f"{metrics_table(metrics)}\n\nrun directory: {run_dir}",
+        flush=True,
+    )

@@ -1,0 +1,275 @@
+"""Distributed training: the per-worker loop and the ``TensorflowTrainer`` that runs it.
+
+Each Ray Train worker receives its shard of the ``train`` and ``val`` datasets,
+materialises it once as uint8 arrays (MNIST shards are tens of MB) and feeds
+``tf.data`` from memory: measured here, this is 2–4× faster than streaming
+``to_tf()`` batches every epoch. The model trains under
+``MultiWorkerMirroredStrategy``; every epoch all workers save a checkpoint
+(collective reads require all of them) and rank 0 hands it to Ray Train.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import ray.train
+import tensorflow as tf
+import tf_keras as keras
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.tensorflow import TensorflowTrainer
+
+from mnist_ray import LEGACY_KERAS_ENV
+from mnist_ray.model import build_model, compile_model
+from mnist_ray.schema import IMAGE, LABEL
+
+MODEL_FILE = "model.keras"
+STATE_FILE = "state.json"
+# Checkpoints kept per run: the best few by validation accuracy (Ray also keeps the latest).
+CHECKPOINTS_TO_KEEP = 3
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides what a training run computes. Saved with every run."""
+
+    model: str = "cnn"
+    epochs: int = 15
+    batch_size: int = 128  # per worker; the global batch is batch_size × num_workers
+    learning_rate: float = 1e-3
+    dropout: float = 0.25
+    augment: bool = True
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    mixed_precision: bool = False
+    seed: int = 0
+    early_stopping_patience: int = 5
+    reduce_lr_patience: int = 2
+    max_failures: int = 0
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.num_workers
+
+
+def fit_distributed(
+    config: TrainConfig,
+    train: ray.data.Dataset,
+    val: ray.data.Dataset,
+    *,
+    run_name: str,
+    storage_path: str,
+) -> ray.train.Result:
+    """Train with ``config.num_workers`` Ray Train workers; returns Ray Train's result.
+
+    A run whose ``run_name`` already has checkpoints under ``storage_path`` resumes
+    from the latest one (Ray Train restores the run's checkpoint manager).
+    """
+    trainer = TensorflowTrainer(
+        train_loop_per_worker=train_loop_per_worker,
+        train_loop_config=asdict(config),
+        scaling_config=ScalingConfig(
+            num_workers=config.num_workers,
+            use_gpu=config.use_gpu,
+            resources_per_worker={"CPU": config.cpus_per_worker}
+            | ({"GPU": 1} if config.use_gpu else {}),
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=CHECKPOINTS_TO_KEEP,
+                checkpoint_score_attribute="val_accuracy",
+                checkpoint_score_order="max",
+            ),
+            failure_config=FailureConfig(max_failures=config.max_failures),
+            worker_runtime_env={"env_vars": dict(LEGACY_KERAS_ENV)},
+        ),
+        datasets={"train": train, "val": val},
+    )
+    return trainer.fit()
+
+
+def train_loop_per_worker(config_dict: dict) -> None:
+    """Runs on every Ray Train worker: build, (resume,) fit, report every epoch."""
+    config = TrainConfig.from_dict(config_dict)
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    _configure_tensorflow(config)
+    keras.utils.set_random_seed(config.seed + rank)
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+
+    x_train, y_train = shard_to_arrays(ray.train.get_dataset_shard("train"))
+    x_val, y_val = shard_to_arrays(ray.train.get_dataset_shard("val"))
+    # Ray gives every worker an equal-sized shard, so all workers agree on the
+    # step counts; MultiWorkerMirroredStrategy hangs if they do not.
+    steps_per_epoch = max(1, len(x_train) // config.batch_size)
+    validation_steps = max(1, math.ceil(len(x_val) / config.batch_size))
+
+    def train_input(_ctx) -> tf.data.Dataset:
+        return (
+            tf.data.Dataset.from_tensor_slices((x_train, y_train))
+            .shuffle(len(x_train), seed=config.seed + rank, reshuffle_each_iteration=True)
+            .repeat()
+            .batch(config.batch_size, drop_remainder=True)
+            .prefetch(tf.data.AUTOTUNE)
+        )
+
+    def val_input(_ctx) -> tf.data.Dataset:
+        return (
+            tf.data.Dataset.from_tensor_slices((x_val, y_val))
+            .batch(config.batch_size)
+            .prefetch(tf.data.AUTOTUNE)
+        )
+
+    # Per-replica batches from each worker's own shard: Ray already sharded, so
+    # TensorFlow must neither re-shard nor re-batch.
+    train_data = strategy.distribute_datasets_from_function(train_input)
+    val_data = strategy.distribute_datasets_from_function(val_input)
+
+    initial_epoch, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    with strategy.scope():
+        if checkpoint:
+            with checkpoint.as_directory() as ckpt_dir:
+                model = keras.models.load_model(os.path.join(ckpt_dir, MODEL_FILE))
+                with open(os.path.join(ckpt_dir, STATE_FILE)) as f:
+                    state = json.load(f)
+            initial_epoch, history = state["epoch"], state["history"]
+            if rank == 0:
+                sys.stdout.write(f"resuming from the checkpoint of epoch {initial_epoch}\n")
+        else:
+            model = build_model(config.model, dropout=config.dropout, augment=config.augment)
+            compile_model(model, config.learning_rate)
+
+    callbacks = [
+        keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss", factor=0.5, patience=config.reduce_lr_patience, min_lr=1e-5
+        ),
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.early_stopping_patience),
+        ReportToRayTrain(
+            rank=rank,
+            epochs=config.epochs,
+            images_per_epoch=steps_per_epoch * config.global_batch_size,
+            history=history,
+        ),
+    ]
+    if initial_epoch >= config.epochs:
+        return
+    model.fit(
+        train_data,
+        epochs=config.epochs,
+        initial_epoch=initial_epoch,
+        steps_per_epoch=steps_per_epoch,
+        validation_data=val_data,
+        validation_steps=validation_steps,
+        callbacks=callbacks,
+        verbose=0,
+    )
+
+
+def shard_to_arrays(shard) -> tuple[np.ndarray, np.ndarray]:
+    """Materialise a worker's dataset shard as (images uint8 (n, 28, 28), labels int64 (n,))."""
+    images, labels = [], []
+    for batch in shard.iter_batches(batch_size=8192, batch_format="numpy"):
+        images.append(batch[IMAGE])
+        labels.append(batch[LABEL])
+    if not images:
+        raise RuntimeError(
+            "this worker received no data: use fewer workers or more images "
+            f"(rank {ray.train.get_context().get_world_rank()})"
+        )
+    return np.concatenate(images).astype(np.uint8), np.concatenate(labels).astype(np.int64)
+
+
+def _configure_tensorflow(config: TrainConfig) -> None:
+    """Size TensorFlow's thread pools and GPU memory to this worker (before any op runs)."""
+    # MultiWorkerMirroredStrategy logs every collective at INFO; keep worker logs readable.
+    tf.get_logger().setLevel("WARNING")
+    # Non-chief workers save to a scratch path without the .keras suffix (only
+    # rank 0's copy is kept); tf-keras then warns about HDF5 on every epoch.
+    warnings.filterwarnings("ignore", message="You are saving your model as an HDF5 file")
+    # Threads = the CPUs Ray gave this worker, so workers sharing a node do not
+    # oversubscribe it (TensorFlow would otherwise size its pools to the node).
+    tf.config.threading.set_intra_op_parallelism_threads(config.cpus_per_worker)
+    tf.config.threading.set_inter_op_parallelism_threads(max(2, config.cpus_per_worker))
+    if config.use_gpu:
+        for gpu in tf.config.list_physical_devices("GPU"):
+            # Without this TensorFlow takes all GPU memory up front.
+            tf.config.experimental.set_memory_growth(gpu, True)
+        if config.mixed_precision:
+            keras.mixed_precision.set_global_policy("mixed_float16")
+
+
+class ReportToRayTrain(keras.callbacks.Callback):
+    """Reports metrics and a checkpoint to Ray Train every epoch; rank 0 prints progress."""
+
+    def __init__(self, *, rank: int, epochs: int, images_per_epoch: int, history: list):
+        super().__init__()
+        self.rank = rank
+        self.epochs = epochs
+        self.images_per_epoch = images_per_epoch
+        self.history = list(history)
+        self.epoch_start = time.perf_counter()
+        self.train_seconds: float | None = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_start = time.perf_counter()
+        self.train_seconds = None
+
+    def on_test_begin(self, logs=None):
+        # Validation starts: the training part of the epoch is over.
+        if self.train_seconds is None:
+            self.train_seconds = time.perf_counter() - self.epoch_start
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        now = time.perf_counter()
+        record = {
+            "epoch": epoch + 1,
+            "loss": float(logs["loss"]),
+            "accuracy": float(logs["accuracy"]),
+            "val_loss": float(logs["val_loss"]),
+            "val_accuracy": float(logs["val_accuracy"]),
+            "learning_rate": float(keras.backend.get_value(self.model.optimizer.learning_rate)),
+            "images_per_s": self.images_per_epoch / (self.train_seconds or now - self.epoch_start),
+            "epoch_seconds": now - self.epoch_start,
+        }
+        self.history.append(record)
+        with tempfile.TemporaryDirectory() as tmp:
+            # Every worker saves (reading mirrored BatchNorm statistics is a
+            # collective); only rank 0's copy becomes the checkpoint.
+            self.model.save(os.path.join(tmp, MODEL_FILE))
+            with open(os.path.join(tmp, STATE_FILE), "w") as f:
+                json.dump({"epoch": epoch + 1, "history": self.history}, f)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp) if self.rank == 0 else None
+            ray.train.report(record, checkpoint=checkpoint)
+        if self.rank == 0:
+            # Not print(): Ray Train routes print through the root logger, which
+            # TensorFlow also writes to, and every line would appear twice.
+            sys.stdout.write(format_progress(record, self.epochs) + "\n")
+            sys.stdout.flush()
+
+
+def format_progress(record: dict, epochs: int) -> str:
+    """One progress line per epoch, as printed by the job."""
+    return (
+        f"epoch {record['epoch']:>3}/{epochs}  loss {record['loss']:.4f}  "
+        f"acc {record['accuracy']:.4f}  val_loss {record['val_loss']:.4f}  "
+        f"val_acc {record['val_accuracy']:.4f}  lr {record['learning_rate']:.2e}  "
+        f"{record['images_per_s']:,.0f} img/s  {record['epoch_seconds']:.0f}s"
+    )
+
