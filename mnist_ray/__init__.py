@@ -11,7 +11,7 @@ import os
 
 LEGACY_KERAS_ENV = {"TF_USE_LEGACY_KERAS": "1"}
 os.environ.update(LEGACY_KERAS_ENV)
-# TensorFlow's C++ start-up chatter (CPU feature notices) is noise in job logs.
+# Hides TensorFlow's C++ notices (CPU features); absl's start-up lines still show.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 __version__ = "0.1.0"

@@ -7,8 +7,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from mnist_ray.model import MODEL_KINDS
-from mnist_ray.training import TrainConfig
+from mnist_ray.config import MODEL_KINDS, TrainConfig
 
 # Exit codes the jobs document and schedulers act on.
 EXIT_OK = 0
@@ -50,6 +49,11 @@ def add_data_flags(parser: argparse.ArgumentParser) -> None:
         help="'bundled' (the MNIST copy in this package, offline; default), 'keras' "
         "(keras.datasets.mnist, downloads), an MNIST-layout .npz file, or Kaggle training "
         "CSVs: files, directories or globs, .csv or .csv.gz",
+    )
+    group.add_argument(
+        "--test-data", nargs="+", default=None, metavar="CSV",
+        help="labelled Kaggle CSVs to use as the test set instead of the default "
+        "(the MNIST test set for arrays, a held-out --test-fraction for CSVs)",
     )
     group.add_argument(
         "--limit", type=subset_size, default=None, metavar="N",
@@ -132,12 +136,12 @@ def train_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_job(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
+def run_job(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Run a job's main, turning user errors into a one-line message and exit code 2."""
     from mnist_ray.schema import DataValidationError
 
     try:
-        return main(argv)
+        return main(args)
     except (DataValidationError, FileNotFoundError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -148,6 +152,7 @@ def run_job(main: Callable[[list[str] | None], int], argv: list[str] | None = No
 
 def train_main(argv: list[str] | None = None) -> int:
     """Console entry point ``mnist-ray-train``: the same as ``python jobs/train.py``."""
+    args = train_parser().parse_args(argv)  # before importing TensorFlow: --help stays instant
     from mnist_ray.train_run import main
 
-    return run_job(main, argv)
+    return run_job(main, args)

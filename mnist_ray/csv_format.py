@@ -230,3 +230,34 @@ def _checked_int_column(path: str, table: pa.Table, name: str, low: int, high: i
             f"outside {low}..{high}", source=path, row=index + 1, column=name, value=int(values[index])
         )
     return values
+
+
+def write_kaggle_csv(
+    path: str | os.PathLike,
+    images: np.ndarray,
+    labels: np.ndarray | None = None,
+    *,
+    image_ids: bool = False,
+) -> None:
+    """Write uint8 images (n, 28, 28) as a Kaggle CSV: ``[ImageId,][label,]pixel0..pixel783``.
+
+    ``.gz`` in the name compresses the file. Written to a temporary name and
+    renamed, so a reader never sees half a file.
+    """
+    flat = np.ascontiguousarray(images, dtype=np.uint8).reshape(len(images), -1)
+    columns: dict[str, pa.Array] = {}
+    if image_ids:
+        columns[ID_COLUMNS[0]] = pa.array(np.arange(1, len(images) + 1, dtype=np.int64))
+    if labels is not None:
+        columns[LABEL_COLUMN] = pa.array(np.asarray(labels, dtype=np.int64))
+    for k, name in enumerate(PIXEL_COLUMNS):
+        columns[name] = pa.array(flat[:, k])
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    compression = "gzip" if path.endswith(".gz") else None
+    with pa.CompressedOutputStream(tmp, "gzip") if compression else pa.OSFile(tmp, "wb") as out:
+        # The header by hand: Kaggle's names are bare (pixel0), pyarrow would quote them.
+        out.write((",".join(columns) + "\n").encode())
+        options = pacsv.WriteOptions(include_header=False, quoting_style="none")
+        pacsv.write_csv(pa.table(columns), out, options)
+    os.replace(tmp, path)

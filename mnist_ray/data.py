@@ -64,9 +64,12 @@ def load_splits(
     test_fraction: float = 0.1,
     limit: int | None = None,
     seed: int = 0,
+    test_data: list[str] | None = None,
 ) -> DataSplits:
     """Load ``data`` (see module doc) and split it into train / validation / test.
 
+    ``test_data`` (labelled Kaggle CSVs) replaces the default test set: the MNIST
+    test set for arrays, a held-out stratified ``test_fraction`` for CSVs.
     ``limit`` keeps a stratified subset of that many training-pool images (the
     validation split is carved from them) and at most that many test images.
     Raises ``DataValidationError`` for input that breaks the contract.
@@ -74,10 +77,15 @@ def load_splits(
     if len(data) == 1 and (data[0] in ("bundled", "keras") or data[0].endswith(".npz")):
         pool, test, fingerprint = _array_source(data[0])
         test_origin = "MNIST test set"
+    elif test_data:
+        pool, fingerprint = csv_dataset(data)
     else:
         full, fingerprint = csv_dataset(data)
         pool, test = _stratified_split(full, test_fraction, seed, "test")
         test_origin = f"held-out stratified {test_fraction:.0%} of the CSV rows"
+    if test_data:
+        test, test_fingerprint = csv_dataset(test_data)
+        test_origin = f"{', '.join(test_data)} ({test_fingerprint})"
     if limit is not None:
         pool = _stratified_subset(pool, limit, seed)
         test = _stratified_subset(test, limit, seed)
@@ -85,6 +93,7 @@ def load_splits(
     train, val, test = train.materialize(), val.materialize(), test.materialize()
     description = {
         "data": list(data),
+        "test_data": list(test_data) if test_data else None,
         "fingerprint": fingerprint,
         "rows": {"train": train.count(), "val": val.count(), "test": test.count()},
         "test_set": test_origin,

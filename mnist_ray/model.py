@@ -12,9 +12,8 @@ from __future__ import annotations
 import tf_keras as keras
 from tf_keras import layers
 
+from mnist_ray.config import MODEL_KINDS
 from mnist_ray.schema import IMAGE_SHAPE, NUM_CLASSES
-
-MODEL_KINDS = ("cnn", "mlp")
 
 
 def build_model(kind: str = "cnn", *, dropout: float = 0.25, augment: bool = False) -> keras.Model:

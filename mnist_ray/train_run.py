@@ -19,16 +19,17 @@ import ray
 
 from mnist_ray import artifacts
 from mnist_ray.cli import EXIT_OK, SMOKE_TEST_LIMIT, train_parser
+from mnist_ray.config import TrainConfig
 from mnist_ray.data import DataSplits, dataset_to_arrays, load_splits
 from mnist_ray.evaluation import classification_metrics, metrics_table
-from mnist_ray.training import MODEL_FILE, STATE_FILE, TrainConfig, fit_distributed
+from mnist_ray.training import MODEL_FILE, STATE_FILE, fit_distributed
 
 # Flags that are not part of TrainConfig but are saved with the run so --resume can replay them.
-DATA_KEYS = ("data", "limit", "val_fraction", "test_fraction")
+DATA_KEYS = ("data", "test_data", "limit", "val_fraction", "test_fraction")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = train_parser().parse_args(argv)
+def main(args: argparse.Namespace) -> int:
+    """The training job for parsed flags (``mnist_ray.cli.train_parser``)."""
     if args.smoke_test:
         args.limit = min(args.limit or SMOKE_TEST_LIMIT, SMOKE_TEST_LIMIT)
         args.epochs = 1
@@ -90,6 +91,7 @@ def run_training(run_dir: Path, settings: dict) -> dict:
         test_fraction=settings["test_fraction"],
         limit=settings["limit"],
         seed=config.seed,
+        test_data=settings.get("test_data"),
     )
     rows = splits.description["rows"]
     print(

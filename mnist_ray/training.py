@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 
 import numpy as np
 import ray.train
@@ -27,6 +27,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.tensorflow import TensorflowTrainer
 
 from mnist_ray import LEGACY_KERAS_ENV
+from mnist_ray.config import TrainConfig
 from mnist_ray.model import build_model, compile_model
 from mnist_ray.schema import IMAGE, LABEL
 
@@ -34,35 +35,6 @@ MODEL_FILE = "model.keras"
 STATE_FILE = "state.json"
 # Checkpoints kept per run: the best few by validation accuracy (Ray also keeps the latest).
 CHECKPOINTS_TO_KEEP = 3
-
-
-@dataclass
-class TrainConfig:
-    """Everything that decides what a training run computes. Saved with every run."""
-
-    model: str = "cnn"
-    epochs: int = 15
-    batch_size: int = 128  # per worker; the global batch is batch_size × num_workers
-    learning_rate: float = 1e-3
-    dropout: float = 0.25
-    augment: bool = True
-    num_workers: int = 2
-    use_gpu: bool = False
-    cpus_per_worker: int = 1
-    mixed_precision: bool = False
-    seed: int = 0
-    early_stopping_patience: int = 5
-    reduce_lr_patience: int = 2
-    max_failures: int = 0
-
-    @classmethod
-    def from_dict(cls, values: dict) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
-
-    @property
-    def global_batch_size(self) -> int:
-        return self.batch_size * self.num_workers
 
 
 def fit_distributed(
