@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import glob
 import os
+import re
+from typing import NoReturn
 
 import numpy as np
 import pyarrow as pa
@@ -49,7 +51,9 @@ def resolve_csv_paths(specs: list[str]) -> list[str]:
             paths.extend(_list_uri(spec))
             continue
         if any(ch in spec for ch in "*?["):
-            matches = [m for m in glob.glob(spec, recursive=True) if os.path.isfile(m)]
+            matches = [
+                m for m in glob.glob(spec, recursive=True) if os.path.isfile(m) and m.endswith(CSV_SUFFIXES)
+            ]
         elif os.path.isdir(spec):
             matches = [
                 os.path.join(root, name)
@@ -157,45 +161,53 @@ def _check_columns(path: str, header: list[str], *, require_label: bool) -> None
 
 def _read_table(path: str, header: list[str]) -> pa.Table:
     """Parse with every needed column typed int64; diagnose precisely on failure."""
+    wanted = [c for c in header if c not in ID_COLUMNS]
+    try:
+        table, bad_rows = _parse(path, wanted, use_threads=True)
+    except pa.ArrowInvalid:
+        _raise_first_non_integer(path, wanted)
+    if bad_rows:
+        if bad_rows[0].number is None:
+            # Threaded parsing does not know line numbers; a serial re-parse does.
+            _, bad_rows = _parse(path, wanted, use_threads=False)
+        first = bad_rows[0]
+        raise DataValidationError(
+            f"has {first.actual_columns} values, expected {first.expected_columns} "
+            f"(one per header column; line {first.number} of the file)",
+            source=path,
+            row=first.number - 1,  # the header is line 1
+            value=first.text[:60],
+        )
+    return table
+
+
+def _parse(path: str, columns: list[str], *, use_threads: bool) -> tuple[pa.Table, list]:
     bad_rows: list = []
 
     def on_invalid(row) -> str:
         bad_rows.append(row)
         return "skip"
 
-    wanted = [c for c in header if c not in ID_COLUMNS]
-    try:
-        with open_input(path) as stream:
-            table = pacsv.read_csv(
-                stream,
-                parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid),
-                convert_options=pacsv.ConvertOptions(
-                    column_types={c: pa.int64() for c in wanted},
-                    include_columns=wanted,
-                    null_values=[""],
-                    strings_can_be_null=False,
-                ),
-            )
-    except pa.ArrowInvalid:
-        table = None  # some value is not an integer: find which, below
-    if bad_rows:
-        first = bad_rows[0]
-        where = f"line {first.number}" if first.number is not None else "a row"
-        raise DataValidationError(
-            f"{where} has {first.actual_columns} values, expected {first.expected_columns} "
-            f"(one per header column)",
-            source=path,
-            value=first.text[:60],
-        )
-    if table is None:
-        _raise_first_non_integer(path, wanted)
-    return table
-
-
-def _raise_first_non_integer(path: str, columns: list[str]) -> None:
     with open_input(path) as stream:
         table = pacsv.read_csv(
             stream,
+            read_options=pacsv.ReadOptions(use_threads=use_threads),
+            parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid),
+            convert_options=pacsv.ConvertOptions(
+                column_types={c: pa.int64() for c in columns},
+                include_columns=columns,
+                null_values=[""],
+                strings_can_be_null=False,
+            ),
+        )
+    return table, bad_rows
+
+
+def _raise_first_non_integer(path: str, columns: list[str]) -> NoReturn:
+    with open_input(path) as stream:
+        table = pacsv.read_csv(
+            stream,
+            parse_options=pacsv.ParseOptions(invalid_row_handler=lambda row: "skip"),
             convert_options=pacsv.ConvertOptions(
                 column_types={c: pa.string() for c in columns},
                 include_columns=columns,
@@ -206,14 +218,18 @@ def _raise_first_non_integer(path: str, columns: list[str]) -> None:
         if name not in table.column_names:
             continue
         text = table[name]
-        is_int = pc.match_substring_regex(text, r"^[+-]?[0-9]+$")
+        # 18 digits always fit int64; longer numbers are out of any valid range anyway.
+        is_int = pc.match_substring_regex(text, r"^-?[0-9]{1,18}$")
         if not pc.all(is_int).as_py():
             index = int(pc.index(is_int, False).as_py())
             value = text[index].as_py()
-            problem = "empty value" if value == "" else "not an integer"
-            raise DataValidationError(
-                problem, source=path, row=index + 1, column=name, value=value
-            )
+            if value == "":
+                problem = "empty value"
+            elif re.fullmatch(r"[+-]?[0-9]+", value):
+                problem = "not a plain integer in range (digits only, at most 18)"
+            else:
+                problem = "not an integer"
+            raise DataValidationError(problem, source=path, row=index + 1, column=name, value=value)
     raise DataValidationError("could not be parsed as CSV", source=path)
 
 

@@ -179,15 +179,23 @@ def csv_dataset(specs: list[str]) -> tuple[ray.data.Dataset, str]:
     ``DataValidationError`` naming the file, row, column and value.
     """
     paths = resolve_csv_paths(specs)
-    ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=len(paths))
-    ds = ds.map_batches(_read_csv_batch, batch_size=1, batch_format="numpy")
+    context = ray.data.DataContext.get_current()
+    wrapped = context.raise_original_map_exception
+    # Without this, Ray Data wraps a task's DataValidationError in its own error
+    # type and the original is lost. A dataset copies the context when created.
+    context.raise_original_map_exception = True
     try:
-        ds = ds.materialize()
-    except Exception as exc:  # Ray wraps task errors; find ours inside.
-        cause = _find_validation_error(exc)
-        if cause is None:
-            raise
-        raise cause from None
+        ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=len(paths))
+        ds = ds.map_batches(_read_csv_batch, batch_size=1, batch_format="numpy").materialize()
+    except DataValidationError as exc:
+        # Still a RayTaskError subclass whose text carries the remote traceback:
+        # re-raise the plain error, whose text is the message for a person.
+        error = getattr(exc, "cause", exc)
+        raise DataValidationError(
+            error.problem, source=error.source, row=error.row, column=error.column, value=error.value
+        ) from None
+    finally:
+        context.raise_original_map_exception = wrapped
     return ds, _fingerprint_files(paths)
 
 
@@ -200,18 +208,6 @@ def _read_csv_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         SOURCE: np.array([str(batch["path"][0])] * n, dtype=object),
         ROW: out["row"],
     }
-
-
-def _find_validation_error(exc: BaseException) -> DataValidationError | None:
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, DataValidationError):
-            return DataValidationError(
-                exc.problem, source=exc.source, row=exc.row, column=exc.column, value=exc.value
-            )
-        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
-    return None
 
 
 def _array_source(name: str) -> tuple[ray.data.Dataset, ray.data.Dataset, str]:

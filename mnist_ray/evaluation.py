@@ -19,6 +19,7 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
     if y_true.shape != y_pred.shape:
         raise ValueError(f"y_true has shape {y_true.shape} but y_pred has shape {y_pred.shape}")
     labels = list(range(NUM_CLASSES))
+    present = np.isin(labels, np.concatenate([y_true, y_pred]))
     precision, recall, f1, support = precision_recall_fscore_support(
         y_true, y_pred, labels=labels, zero_division=0
     )
@@ -26,7 +27,9 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
         "count": int(len(y_true)),
         "accuracy": float(accuracy_score(y_true, y_pred)) if len(y_true) else 0.0,
         "errors": int((y_true != y_pred).sum()),
-        "macro_f1": float(np.mean(f1)),
+        # Over the classes present (in truth or prediction), as sklearn's "macro":
+        # a digit absent from a small sample must not count as F1 = 0.
+        "macro_f1": float(np.mean(f1[present])) if present.any() else 0.0,
         "per_class": {
             name: {
                 "precision": float(precision[k]),

@@ -1,0 +1,106 @@
+"""Helpers shared by the tests: writing real Kaggle "Digit Recognizer" CSV files.
+
+Deliberately independent of mnist_ray.csv_format.write_kaggle_csv: the reader is
+checked against a writer that shares no code with it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+KAGGLE_PIXEL_COLUMNS = [f"pixel{k}" for k in range(28 * 28)]
+
+
+def write_kaggle_csv(
+    path: str | Path,
+    images: np.ndarray,
+    labels: np.ndarray | None = None,
+    *,
+    gz: bool = False,
+    shuffle_columns: bool = False,
+    id_column: str | None = None,
+    seed: int = 0,
+) -> Path:
+    """Write ``images`` (n, 28, 28) and optional ``labels`` (n,) as a Kaggle CSV file.
+
+    The header is ``label,pixel0,...,pixel783`` (no ``label`` when ``labels`` is None);
+    ``pixelK`` is the pixel at image row ``K // 28``, column ``K % 28``. ``id_column``
+    (e.g. ``"ImageId"``) adds a first column numbering the rows from 1. ``shuffle_columns``
+    writes the columns in a seeded random order. ``gz`` gzip-compresses the file (whatever
+    its name). Lines end with ``\\n``. Returns the path.
+    """
+    images = np.asarray(images)
+    if images.ndim != 3 or images.shape[1:] != (28, 28):
+        raise ValueError(f"images must have shape (n, 28, 28), got {images.shape}")
+    n = len(images)
+    names: list[str] = []
+    columns: list[np.ndarray] = []
+    if id_column is not None:
+        names.append(id_column)
+        columns.append(np.arange(1, n + 1, dtype=np.int64)[:, None])
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != (n,):
+            raise ValueError(f"labels must have shape ({n},), got {labels.shape}")
+        names.append("label")
+        columns.append(labels.astype(np.int64)[:, None])
+    names.extend(KAGGLE_PIXEL_COLUMNS)
+    # Row-major flattening is exactly the Kaggle numbering: k = 28 * row + col.
+    columns.append(images.reshape(n, 28 * 28).astype(np.int64))
+    table = np.concatenate(columns, axis=1)
+    if shuffle_columns:
+        order = np.random.default_rng(seed).permutation(len(names))
+        names = [names[i] for i in order]
+        table = table[:, order]
+
+    buffer = io.StringIO()
+    buffer.write(",".join(names) + "\n")
+    for values in table:
+        buffer.write(",".join(map(str, values.tolist())) + "\n")
+    data = buffer.getvalue().encode("ascii")
+
+    path = Path(path)
+    if gz:
+        with gzip.open(path, "wb") as f:
+            f.write(data)
+    else:
+        path.write_bytes(data)
+    return path
+
+
+def rewrite_csv(path: str | Path, edit: Callable[[list[list[str]]], None]) -> None:
+    """Edit a plain (not gzip) ``\n``-terminated CSV in place, cell by cell.
+
+    ``edit`` receives the rows as lists of cell texts, header first (so data row ``i``,
+    numbered from 1 like ``ImageId``, is ``rows[i]``), and changes them in place.
+    """
+    path = Path(path)
+    text = path.read_text()
+    rows = [line.split(",") for line in text.split("\n") if line != ""]
+    edit(rows)
+    path.write_text("".join(",".join(row) + "\n" for row in rows))
+
+
+def set_csv_cell(path: str | Path, data_row: int, column: str, text: str) -> None:
+    """Replace the text of one cell (``data_row`` 1-based, ``column`` by header name)."""
+
+    def edit(rows: list[list[str]]) -> None:
+        rows[data_row][rows[0].index(column)] = text
+
+    rewrite_csv(path, edit)
+
+
+def drop_csv_column(path: str | Path, column: str) -> None:
+    """Remove one column (header and values) from a plain CSV."""
+
+    def edit(rows: list[list[str]]) -> None:
+        k = rows[0].index(column)
+        for row in rows:
+            del row[k]
+
+    rewrite_csv(path, edit)

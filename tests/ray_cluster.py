@@ -1,0 +1,137 @@
+"""A real Ray cluster on this machine for tests: a head and, optionally, more nodes on 127.0.0.1.
+
+Each node is a ``ray start --block`` process in its own process group, with its
+own ports and temp dir, so it neither collides with the test session's local
+Ray nor survives the test: ``stop()`` kills the whole group. Token
+authentication is on, as on a real Ray 2.60 cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _node_ports() -> list[str]:
+    return [
+        f"--node-manager-port={free_port()}",
+        f"--object-manager-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--min-worker-port={(base := free_port() // 100 * 100 % 50000 + 10000)}",
+        f"--max-worker-port={base + 99}",
+    ]
+
+
+class LocalRayCluster:
+    def __init__(self, num_cpus: int = 2) -> None:
+        self.num_cpus = num_cpus
+        self.gcs_port = free_port()
+        self.dashboard_port = free_port()
+        self.processes: list[subprocess.Popen] = []
+        self.temp_dirs: list[str] = []
+        token = secrets.token_hex(16)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        # The job driver runs `python` from the PATH of the node that starts it.
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"})
+        self.env = env
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    @property
+    def client_env(self) -> dict[str, str]:
+        """Environment for `ray job submit` and scripts that talk to this cluster."""
+        return self.env | {"RAY_ADDRESS": self.dashboard_url}
+
+    def start_head(self, timeout: float = 120) -> None:
+        self._start_node(
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={self.gcs_port}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.dashboard_port}",
+            f"--ray-client-server-port={free_port()}",
+        )
+        self._wait_for_jobs_api(timeout)
+
+    def add_node(self, num_cpus: int | None = None) -> None:
+        self._start_node(f"--address=127.0.0.1:{self.gcs_port}", "--node-ip-address=127.0.0.1",
+                         num_cpus=num_cpus)
+
+    def _start_node(self, *args: str, num_cpus: int | None = None) -> None:
+        temp_dir = tempfile.mkdtemp(prefix="mr", dir="/tmp")  # short: Unix socket paths are limited
+        self.temp_dirs.append(temp_dir)
+        log = open(Path(temp_dir) / "ray_start.log", "w")  # noqa: SIM115 (lives as long as the node)
+        self.processes.append(
+            subprocess.Popen(
+                [RAY, "start", "--block", *args, *_node_ports(), f"--num-cpus={num_cpus or self.num_cpus}",
+                 f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+                env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        )
+
+    def _wait_for_jobs_api(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.processes[0].poll() is not None:
+                raise RuntimeError(f"ray head exited: {self.head_log()}")
+            probe = subprocess.run([RAY, "job", "list", "--address", self.dashboard_url],
+                                   env=self.env, capture_output=True, text=True)
+            if probe.returncode == 0:
+                return
+            time.sleep(2)
+        raise TimeoutError(f"the Ray head's job API did not come up in {timeout}s: {self.head_log()}")
+
+    def head_log(self) -> str:
+        path = Path(self.temp_dirs[0]) / "ray_start.log"
+        return path.read_text()[-3000:] if path.exists() else ""
+
+    def submit(
+        self, *entrypoint: str, working_dir: Path, timeout: float = 900
+    ) -> subprocess.CompletedProcess:
+        """`ray job submit --working-dir ... -- <entrypoint>`, waiting for the job to end."""
+        return subprocess.run(
+            [RAY, "job", "submit", "--address", self.dashboard_url, "--working-dir", str(working_dir),
+             "--", *entrypoint],
+            env=self.env, capture_output=True, text=True, timeout=timeout,
+        )
+
+    def stop(self) -> None:
+        for proc in reversed(self.processes):
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                continue
+        for proc in reversed(self.processes):
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                # Workers and agents share the group; take down any that lingered.
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for temp_dir in self.temp_dirs:
+            shutil.rmtree(temp_dir, ignore_errors=True)

@@ -1,0 +1,142 @@
+"""Integration: real Ray Train workers on the local test Ray, on small subsets."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mnist_ray import artifacts
+from mnist_ray.cli import train_main
+from tests.helpers import set_csv_cell, write_kaggle_csv
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--limit", "600", "--batch-size", "32", "--num-workers", "2", "--cpus-per-worker", "1"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(ray_session, tmp_path_factory) -> Path:
+    """One 2-worker, 1-epoch run on 600 bundled images, shared by the tests below."""
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    assert train_main([*TINY, "--epochs", "1", "--output-dir", str(run_dir)]) == 0
+    return run_dir
+
+
+def test_run_directory_has_every_artifact(trained_run: Path):
+    expected = ("config.json", "model.keras", "metadata.json", "history.json", "history.csv", "metrics.json")
+    for name in expected:
+        assert (trained_run / name).is_file(), name
+    assert (trained_run.parent / "latest").resolve() == trained_run.resolve()
+
+
+def test_metadata_describes_data_config_contract_and_versions(trained_run: Path):
+    meta = json.loads((trained_run / "metadata.json").read_text())
+    assert meta["data"]["fingerprint"].startswith("sha256:")
+    assert meta["data"]["rows"]["train"] + meta["data"]["rows"]["val"] == 600
+    assert meta["data"]["test_set"] == "MNIST test set"
+    assert meta["config"]["train"]["num_workers"] == 2
+    assert meta["input_contract"]["input"]["dtype"] == "uint8"
+    assert meta["class_labels"] == [str(d) for d in range(10)]
+    assert meta["versions"]["ray"].startswith("2.")
+    assert meta["versions"]["tf-keras"].startswith("2.")
+    assert 0.0 <= meta["test_metrics"]["accuracy"] <= 1.0
+
+
+def test_history_has_one_record_per_epoch_with_throughput(trained_run: Path):
+    history = json.loads((trained_run / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1]
+    record = history[0]
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "images_per_s"):
+        assert np.isfinite(record[key]), key
+    assert record["images_per_s"] > 0
+    assert (trained_run / "history.csv").read_text().splitlines()[0].startswith("epoch,loss,accuracy")
+
+
+def test_test_metrics_match_the_saved_model(trained_run: Path):
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    assert metrics["count"] == 600
+    assert np.array(metrics["confusion_matrix"]).sum() == 600
+    assert set(metrics["per_class"]) == {str(d) for d in range(10)}
+
+
+def test_saved_model_loads_in_a_fresh_process_without_this_package(trained_run: Path, mnist_arrays):
+    """The model file alone is the contract: plain tf_keras loads it and takes raw pixels."""
+    images = mnist_arrays["x_test"][:64]
+    np.save(trained_run / "probe.npy", images)
+    code = (
+        "import sys, numpy as np, tf_keras as keras\n"
+        "assert 'mnist_ray' not in sys.modules\n"
+        f"m = keras.models.load_model({str(trained_run / 'model.keras')!r}, safe_mode=True)\n"
+        f"p = m.predict(np.load({str(trained_run / 'probe.npy')!r}), verbose=0)\n"
+        "print(p.shape, float(p.sum(axis=1).min()), float(p.sum(axis=1).max()))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd="/", env=env, capture_output=True, text=True, check=True
+    ).stdout
+    shape, low, high = out.rsplit("(", 1)[1].split(")")[0], *map(float, out.split(")")[1].split())
+    assert shape == "64, 10"
+    assert abs(low - 1) < 1e-4 and abs(high - 1) < 1e-4
+
+
+def test_resume_continues_from_the_checkpoint(ray_session, tmp_path: Path):
+    """A finished 1-epoch run, resumed with 2 epochs, keeps epoch 1 and trains only epoch 2."""
+    run_dir = tmp_path / "resumable"
+    assert train_main([*TINY, "--epochs", "1", "--output-dir", str(run_dir)]) == 0
+    first = json.loads((run_dir / "history.json").read_text())
+    settings = json.loads((run_dir / "config.json").read_text())
+    settings["train"]["epochs"] = 2
+    artifacts.write_json(run_dir / "config.json", settings)
+
+    assert train_main(["--resume", str(run_dir)]) == 0
+    history = json.loads((run_dir / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert history[0] == first[0]  # epoch 1 was restored, not retrained
+
+
+def test_trains_from_kaggle_csv_files(ray_session, tmp_path: Path, mnist_arrays):
+    data = tmp_path / "csv"
+    data.mkdir()
+    x, y = mnist_arrays["x_train"][:800], mnist_arrays["y_train"][:800]
+    write_kaggle_csv(data / "a.csv", x[:400], y[:400])
+    write_kaggle_csv(data / "b.csv.gz", x[400:], y[400:], gz=True, shuffle_columns=True)
+    run_dir = tmp_path / "from_csv"
+    args = ["--data", str(data), "--batch-size", "32", "--epochs", "1", "--output-dir", str(run_dir)]
+    assert train_main(args) == 0
+    meta = json.loads((run_dir / "metadata.json").read_text())
+    rows = meta["data"]["rows"]
+    assert rows["train"] + rows["val"] + rows["test"] == 800
+    assert meta["data"]["test_set"].startswith("held-out stratified")
+
+
+def run_job(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "train.py"), *args],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )
+
+
+def test_bad_csv_is_refused_with_a_message_not_a_traceback(tmp_path: Path, mnist_arrays):
+    bad = write_kaggle_csv(tmp_path / "train.csv", mnist_arrays["x_train"][:50], mnist_arrays["y_train"][:50])
+    set_csv_cell(bad, 7, "pixel300", "12.5")
+    result = run_job("--data", str(bad), "--epochs", "1", "--output-dir", str(tmp_path / "run"))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert error, result.stderr[-2000:]
+    for part in (str(bad), "data row 7", "'pixel300'", "12.5"):
+        assert part in error[0], (part, error[0])
+
+
+def test_help_lists_every_documented_flag():
+    out = run_job("--help").stdout
+    for flag in ("--data", "--limit", "--epochs", "--batch-size", "--learning-rate", "--dropout", "--model",
+                 "--augment", "--num-workers", "--use-gpu", "--output-dir", "--storage-path", "--resume",
+                 "--seed", "--address", "--smoke-test"):
+        assert flag in out, flag
