@@ -19,6 +19,7 @@ in Ray's object store.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,6 +185,11 @@ def csv_dataset(specs: list[str]) -> tuple[ray.data.Dataset, str]:
     # Without this, Ray Data wraps a task's DataValidationError in its own error
     # type and the original is lost. A dataset copies the context when created.
     context.raise_original_map_exception = True
+    # Ray Data logs a failed task's traceback at ERROR before raising; for a
+    # validation error that is noise around the one line the user needs.
+    ray_data_logger = logging.getLogger("ray.data")
+    log_level = ray_data_logger.level
+    ray_data_logger.setLevel(logging.CRITICAL)
     try:
         ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=len(paths))
         ds = ds.map_batches(_read_csv_batch, batch_size=1, batch_format="numpy").materialize()
@@ -196,6 +202,7 @@ def csv_dataset(specs: list[str]) -> tuple[ray.data.Dataset, str]:
         ) from None
     finally:
         context.raise_original_map_exception = wrapped
+        ray_data_logger.setLevel(log_level)
     return ds, _fingerprint_files(paths)
 
 

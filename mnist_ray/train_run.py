@@ -37,7 +37,13 @@ def main(args: argparse.Namespace) -> int:
         train_parser().error("--mixed-precision needs --use-gpu (float16 is slower on CPUs)")
     connect_ray(args.address)
     run_dir, settings = prepare_run(args)
-    run_training(run_dir, settings)
+    try:
+        run_training(run_dir, settings)
+    except BaseException:
+        # A run that failed before training started (bad data) leaves no directory behind.
+        if run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()
+        raise
     return EXIT_OK
 
 
@@ -72,7 +78,6 @@ def prepare_run(args: argparse.Namespace) -> tuple[Path, dict]:
         "storage_path": args.storage_path or str(run_dir / "ray_train"),
         "run_name": run_dir.name,
     }
-    artifacts.write_json(run_dir / artifacts.CONFIG_FILE, settings)
     return run_dir, settings
 
 
@@ -93,6 +98,8 @@ def run_training(run_dir: Path, settings: dict) -> dict:
         seed=config.seed,
         test_data=settings.get("test_data"),
     )
+    # Written once the data is known to be good: from here on the run can be resumed.
+    artifacts.write_json(run_dir / artifacts.CONFIG_FILE, settings)
     rows = splits.description["rows"]
     print(
         f"data: {rows['train']:,} train / {rows['val']:,} validation / {rows['test']:,} test images "
