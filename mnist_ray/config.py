@@ -12,7 +12,7 @@ class TrainConfig:
     """Everything that decides what a training run computes. Saved with every run."""
 
     model: str = "cnn"
-    epochs: int = 15
+    epochs: int = 20
     batch_size: int = 128  # per worker; the global batch is batch_size × num_workers
     learning_rate: float = 1e-3
     dropout: float = 0.25
@@ -23,7 +23,7 @@ class TrainConfig:
     mixed_precision: bool = False
     seed: int = 0
     early_stopping_patience: int = 5
-    reduce_lr_patience: int = 2
+    reduce_lr_patience: int = 1
     max_failures: int = 0
 
     @classmethod
