@@ -125,7 +125,7 @@ class LocalRayCluster:
                 continue
         for proc in reversed(self.processes):
             try:
-                proc.wait(timeout=30)
+                proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 pass
             try:
