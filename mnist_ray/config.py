@@ -23,7 +23,7 @@ class TrainConfig:
     mixed_precision: bool = False
     seed: int = 0
     early_stopping_patience: int = 5
-    reduce_lr_patience: int = 1
+    reduce_lr_patience: int = 2
     max_failures: int = 0
 
     @classmethod
