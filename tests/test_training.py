@@ -17,7 +17,12 @@ from tests.helpers import set_csv_cell, write_kaggle_csv
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--limit", "600", "--batch-size", "32", "--num-workers", "2", "--cpus-per-worker", "1"]
+# --max-failures 1: on an overloaded 2-core machine Ray Train has been seen to lose a
+# worker group at shutdown (health check after the placement group was removed);
+# a restart resumes from the last checkpoint, as in production, and the assertions
+# on history and metrics still hold.
+TINY = ["--limit", "600", "--batch-size", "32", "--num-workers", "2", "--cpus-per-worker", "1",
+        "--max-failures", "1"]
 
 
 @pytest.fixture(scope="module")
