@@ -15,6 +15,7 @@ runs/latest  ->   the newest completed run
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import subprocess
@@ -139,3 +140,42 @@ def load_model(run_dir: str | Path):
     import tf_keras as keras
 
     return keras.models.load_model(Path(run_dir) / MODEL_FILE, safe_mode=True)
+
+
+class RunDirError(ValueError):
+    """A run directory that cannot be used for scoring: unfinished, unreadable or off-contract."""
+
+
+MODEL_ID_CHARS = 12
+
+
+def model_id(run_dir: str | Path) -> str:
+    """A short content id of the run's model: the first 12 hex digits of the sha256 of model.keras."""
+    return content_id((Path(run_dir) / MODEL_FILE).read_bytes())
+
+
+def content_id(model_file: bytes) -> str:
+    """The model id of the bytes of a model.keras (see :func:`model_id`)."""
+    return hashlib.sha256(model_file).hexdigest()[:MODEL_ID_CHARS]
+
+
+def check_scoring_run(run_dir: Path) -> dict:
+    """Refuse a run that has no model or whose model takes other input than this code sends.
+
+    Returns the run's metadata. Raises ``RunDirError`` naming what is wrong.
+    """
+    for name in (MODEL_FILE, METADATA_FILE):
+        if not (run_dir / name).is_file():
+            raise RunDirError(f"{run_dir}: no {name}: not a finished training run")
+    try:
+        metadata = read_json(run_dir / METADATA_FILE)
+    except (OSError, ValueError) as exc:
+        raise RunDirError(f"{run_dir}: {METADATA_FILE} is not readable JSON ({exc})") from exc
+    contract = metadata.get("input_contract")
+    if contract != INPUT_CONTRACT:
+        raise RunDirError(
+            f"{run_dir}: the model's input contract {json.dumps(contract)} differs from the one this "
+            f"code scores with {json.dumps(INPUT_CONTRACT)}; score it with the version of mnist_ray that "
+            "trained it, or retrain"
+        )
+    return metadata

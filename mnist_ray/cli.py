@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import sys
 from collections.abc import Callable
 
+from mnist_ray.artifacts import DEFAULT_RUNS_DIR, LATEST, RunDirError
 from mnist_ray.config import MODEL_KINDS, TrainConfig
 
 # Exit codes the jobs document and schedulers act on.
 EXIT_OK = 0
 EXIT_FAILED = 1  # the job ran and failed (Ray, training, infrastructure)
 EXIT_BAD_INPUT = 2  # bad flags or bad data: fix the input, do not retry as is
+EXIT_REJECTS = 3  # scoring completed, but some rows or whole files were rejected (see rejects/)
+
+SCORE_EXIT_CODES = """\
+exit codes:
+  0  every row was scored (or every input had been scored before by this model)
+  3  completed, but some rows or whole files were rejected: see rejects/ and the batch summary
+  1  the job failed (Ray, I/O, an input changed while read, another job holding --output);
+     retrying may help
+  2  bad flags, no input file, or an unusable --model: fix them, retrying will not help"""
 
 SMOKE_TEST_LIMIT = 2000
 MIN_LIMIT = 100
@@ -71,12 +82,25 @@ def add_data_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=_DEFAULTS.seed, help="random seed (default: 0)")
 
 
-def add_ray_flags(parser: argparse.ArgumentParser) -> None:
+def run_date(text: str) -> str:
+    try:
+        return datetime.date.fromisoformat(text).isoformat()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a date YYYY-MM-DD, got {text}") from None
+
+
+def add_ray_flags(parser: argparse.ArgumentParser, *, gpu_help: str) -> argparse._ArgumentGroup:
+    """The flags every job has for Ray: where the cluster is, whether to use GPUs."""
     group = parser.add_argument_group("Ray")
     group.add_argument(
         "--address", default=os.environ.get("RAY_ADDRESS"),
         help="Ray cluster address (default: $RAY_ADDRESS, else start a local Ray)",
     )
+    group.add_argument("--use-gpu", action="store_true", help=gpu_help)
+    return group
+
+
+def add_worker_flags(group: argparse._ArgumentGroup) -> None:
     group.add_argument(
         "--num-workers", type=positive_int, default=_DEFAULTS.num_workers,
         help=f"Ray Train workers (default: {_DEFAULTS.num_workers})",
@@ -86,7 +110,11 @@ def add_ray_flags(parser: argparse.ArgumentParser) -> None:
         help="CPUs each worker reserves; TensorFlow uses that many threads "
         "(default: the cluster's CPUs divided among the workers)",
     )
-    group.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
+
+
+def add_batch_size_flag(group: argparse._ArgumentGroup, *, default: int, meaning: str) -> None:
+    group.add_argument("--batch-size", type=positive_int, default=default, metavar="N",
+                       help=f"{meaning} (default: {default})")
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -95,8 +123,8 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                        help="cnn (default) or the mlp baseline")
     group.add_argument("--epochs", type=positive_int, default=_DEFAULTS.epochs,
                        help=f"maximum epochs; early stopping may end sooner (default: {_DEFAULTS.epochs})")
-    group.add_argument("--batch-size", type=positive_int, default=_DEFAULTS.batch_size,
-                       help=f"per-worker batch; global = this × workers (default: {_DEFAULTS.batch_size})")
+    add_batch_size_flag(group, default=_DEFAULTS.batch_size,
+                        meaning="per-worker batch; global = this × workers")
     group.add_argument("--learning-rate", type=float, default=_DEFAULTS.learning_rate,
                        help=f"Adam's initial learning rate (default: {_DEFAULTS.learning_rate})")
     group.add_argument("--dropout", type=float, default=_DEFAULTS.dropout,
@@ -131,20 +159,68 @@ def train_parser() -> argparse.ArgumentParser:
     )
     add_data_flags(parser)
     add_model_flags(parser)
-    add_ray_flags(parser)
+    add_worker_flags(add_ray_flags(parser, gpu_help="one GPU per worker"))
     add_run_flags(parser)
     return parser
 
 
+DEFAULT_SCORE_BATCH_SIZE = 1024
+
+
+def score_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jobs/score.py",
+        description="Score Kaggle digit CSVs with a trained model, as a nightly batch: Parquet\n"
+        "predictions partitioned by date, rejected rows with their reasons, a batch summary,\n"
+        "metrics when labels exist, and a manifest that makes reruns skip what was scored.",
+        epilog=SCORE_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    group = parser.add_argument_group("inputs and outputs")
+    group.add_argument("--model", default=f"{DEFAULT_RUNS_DIR}/{LATEST}", metavar="RUN_DIR",
+                       help="the training run directory whose model scores (default: runs/latest)")
+    group.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                       help="CSV files, directories (searched recursively) or globs; .csv or .csv.gz; "
+                       "local paths or URIs (s3://, gs://)")
+    group.add_argument("--output", required=True, metavar="DIR",
+                       help="the output directory (a local or mounted path): predictions/, rejects/, "
+                       "batches/ and the manifest accumulate there night after night")
+    group.add_argument("--date", type=run_date, default=None, metavar="YYYY-MM-DD",
+                       help="the run date: the partition predictions/date=... and rejects/date=... "
+                       "(default: today, UTC)")
+    group.add_argument("--force", action="store_true",
+                       help="score inputs again even if the manifest says this model scored them; "
+                       "their earlier output for the same date is replaced, never duplicated")
+    group.add_argument("--submission", default=None, metavar="FILE",
+                       help="also write a Kaggle submission CSV (ImageId,Label) for the single input")
+    add_ray_flags(parser, gpu_help="one GPU per inference actor (GPU memory growth is enabled)")
+    inference = parser.add_argument_group("inference")
+    add_batch_size_flag(inference, default=DEFAULT_SCORE_BATCH_SIZE, meaning="images per inference call")
+    inference.add_argument("--concurrency", type=positive_int, default=1, metavar="N",
+                           help="at most this many inference actors, each loading the model once; Ray Data "
+                           "starts one and adds more while work waits and resources are free (default: 1)")
+    inference.add_argument("--cpus-per-actor", type=positive_int, default=1, metavar="N",
+                           help="CPUs each inference actor reserves; TensorFlow uses that many threads "
+                           "(default: 1)")
+    return parser
+
+
+class JobFailed(RuntimeError):
+    """The job failed for a reason one line explains: exit code 1, no traceback."""
+
+
 def run_job(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """Run a job's main, turning user errors into a one-line message and exit code 2."""
+    """Run a job's main: user errors become one line and exit code 2, explained failures exit code 1."""
     from mnist_ray.schema import DataValidationError
 
     try:
         return main(args)
-    except (DataValidationError, FileNotFoundError, FileExistsError) as exc:
+    except (DataValidationError, RunDirError, FileNotFoundError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except JobFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -154,5 +230,13 @@ def train_main(argv: list[str] | None = None) -> int:
     """Console entry point ``mnist-ray-train``: the same as ``python jobs/train.py``."""
     args = train_parser().parse_args(argv)  # before importing TensorFlow: --help stays instant
     from mnist_ray.train_run import main
+
+    return run_job(main, args)
+
+
+def score_main(argv: list[str] | None = None) -> int:
+    """Console entry point ``mnist-ray-score``: the same as ``python jobs/score.py``."""
+    args = score_parser().parse_args(argv)  # before importing TensorFlow: --help stays instant
+    from mnist_ray.score_run import main
 
     return run_job(main, args)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import shutil
 import time
 from dataclasses import asdict
@@ -22,6 +21,7 @@ from mnist_ray.cli import EXIT_OK, SMOKE_TEST_LIMIT, train_parser
 from mnist_ray.config import TrainConfig
 from mnist_ray.data import DataSplits, dataset_to_arrays, load_splits
 from mnist_ray.evaluation import classification_metrics, metrics_table
+from mnist_ray.ray_setup import connect_ray
 from mnist_ray.training import MODEL_FILE, STATE_FILE, fit_distributed
 
 # Flags that are not part of TrainConfig but are saved with the run so --resume can replay them.
@@ -45,15 +45,6 @@ def main(args: argparse.Namespace) -> int:
             run_dir.rmdir()
         raise
     return EXIT_OK
-
-
-def connect_ray(address: str | None) -> None:
-    """Connect to ``address`` (a cluster) or, if None, start Ray on this machine."""
-    if not ray.is_initialized():
-        ray.init(address=address, logging_level="WARNING")
-    # Ray Data logs every dataset execution at INFO: noise next to our progress lines.
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    ray.data.DataContext.get_current().enable_progress_bars = False
 
 
 def prepare_run(args: argparse.Namespace) -> tuple[Path, dict]:

@@ -1,0 +1,128 @@
+"""Scoring throughput and peak memory: jobs/score.py against a plain single-process baseline.
+
+    python benchmarks/score_throughput.py --model runs/latest --rows 100000 1000000 [--work-dir DIR]
+
+For each size, writes an unlabelled Kaggle CSV of that many MNIST test images
+(the 10,000 repeated), then runs, each in a fresh process:
+
+* ``jobs/score.py`` (it starts its own local Ray, as a nightly cron run does);
+* the baseline: ``pandas.read_csv`` + ``model.predict`` + ``DataFrame.to_parquet``.
+
+Every 0.5 s it sums the proportional set size (PSS: shared pages counted once,
+from Linux's ``/proc/<pid>/smaps_rollup``) of each run's whole process tree (for
+the job: driver, Ray's daemons, read tasks and actors) and reports the peak.
+Wall time includes start-up (Ray, TensorFlow imports) for both. It prints a
+table and asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from mnist_ray.csv_format import write_kaggle_csv  # noqa: E402
+from mnist_ray.data import BUNDLED_MNIST  # noqa: E402
+
+BASELINE = """
+import sys, numpy as np, pandas as pd
+import mnist_ray
+from mnist_ray import artifacts
+from mnist_ray.schema import PIXEL_COLUMNS
+csv, run_dir, destination = sys.argv[1:]
+frame = pd.read_csv(csv, dtype=np.uint8)
+images = frame[PIXEL_COLUMNS].to_numpy().reshape(-1, 28, 28)
+del frame
+probs = artifacts.load_model(run_dir).predict(images, batch_size=1024, verbose=0)
+columns = {"row": np.arange(1, len(images) + 1), "predicted": probs.argmax(axis=1)}
+columns.update({"confidence": probs.max(axis=1), **{f"prob_{k}": probs[:, k] for k in range(10)}})
+pd.DataFrame(columns).to_parquet(destination)
+"""
+
+
+def make_input(path: Path, rows: int) -> None:
+    """An unlabelled Kaggle CSV of ``rows`` MNIST test images (repeated as needed)."""
+    if path.exists():
+        return
+    with np.load(BUNDLED_MNIST) as npz:
+        images = npz["x_test"]
+    repeats = -(-rows // len(images))
+    write_kaggle_csv(path, np.tile(images, (repeats, 1, 1))[:rows])
+
+
+def run_measured(command: list[str]) -> tuple[float, float, int]:
+    """(wall seconds, peak PSS of the process tree in GB, exit code) of ``command``."""
+    started = time.monotonic()
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    peak = 0
+    while process.poll() is None:
+        peak = max(peak, sum(_pss_bytes(pid) for pid in _tree(process.pid)))
+        time.sleep(0.5)
+    return time.monotonic() - started, peak / 1e9, process.returncode
+
+
+def _tree(root: int) -> list[int]:
+    """``root`` and all its descendants, from the parent ids in /proc."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # The command name (field 2) may hold spaces; the parent id follows its closing parenthesis.
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    tree, frontier = [root], [root]
+    while frontier:
+        frontier = [pid for pid, parent in parents.items() if parent in frontier]
+        tree += frontier
+    return tree
+
+
+def _pss_bytes(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass  # the process ended meanwhile
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="runs/latest", help="the run directory to score with")
+    parser.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/mnist_ray_bench"))
+    parser.add_argument("--concurrency", type=int, default=1, help="inference actors of the job")
+    args = parser.parse_args()
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    print(f"{'rows':>10}  {'method':<26} {'seconds':>8} {'rows/s':>8} {'peak GB':>8}  exit")
+    for rows in args.rows:
+        csv = args.work_dir / f"digits-{rows}.csv"
+        make_input(csv, rows)
+        output = args.work_dir / f"scored-{rows}-{time.time_ns()}"
+        runs = {
+            f"jobs/score.py ({args.concurrency} actor)": [
+                sys.executable, "jobs/score.py", "--model", args.model, "--input", str(csv),
+                "--output", str(output), "--concurrency", str(args.concurrency),
+            ],
+            "pandas + predict + parquet": [
+                sys.executable, "-c", BASELINE, str(csv), args.model,
+                str(args.work_dir / f"baseline-{rows}.parquet"),
+            ],
+        }
+        for name, command in runs.items():
+            seconds, peak, code = run_measured(command)
+            print(f"{rows:>10,}  {name:<26} {seconds:>8.1f} {rows / seconds:>8,.0f} {peak:>8.2f}  {code}",
+                  flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

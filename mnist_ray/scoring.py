@@ -1,0 +1,229 @@
+"""Batch inference with Ray Data: CSV files → validated rows → predictions, streamed to the driver.
+
+One read task per input file streams it chunk by chunk (:class:`~mnist_ray.csv_format.CsvChunks`),
+so memory does not grow with the file. An actor pool of :class:`Predictor`\\ s, each
+loading the model once, scores the images. The driver receives one stream of
+small records, without pixels, from which it writes Parquet and counts.
+
+Every record has a ``kind``:
+
+* ``IMAGE_ROW`` — a valid image and its prediction;
+* ``REJECTED_ROW`` — a row that failed validation: ``reason`` and ``raw`` say why and what;
+* ``REJECTED_FILE`` — the file could not be read (further): bad header, binary, corrupt gzip;
+* ``END_OF_FILE`` — the reader finished the file: ``row`` holds the number of data
+  lines it read and ``raw`` a JSON object with the ``sha256`` and ``size`` of the bytes
+  read and whether that was the ``whole_file``. The driver checks rows in = images +
+  rejected rows against it, independently of how the records travelled, and that the
+  file did not change since it hashed it.
+
+Records of one file may arrive in any order (several actors); each carries its
+file's index in ``file`` and its 1-based data row in ``row``.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import ray
+
+# mnist_ray first: it selects tf-keras before TensorFlow loads, in every worker that unpickles this module.
+from mnist_ray import artifacts
+from mnist_ray.csv_format import CsvChunks, RowProblem
+from mnist_ray.schema import IMAGE_SHAPE, NUM_CLASSES, DataValidationError
+
+# Columns of the stream.
+KIND, FILE, ROW, IMAGE, LABEL, IMAGE_ID, REASON, RAW = (
+    "kind", "file", "row", "image", "label", "image_id", "reason", "raw"
+)
+PROBS = "probs"
+IMAGE_ROW, REJECTED_ROW, REJECTED_FILE, END_OF_FILE = 0, 1, 2, 3
+# label / image_id of a record whose file has no such column (ids are checked to be >= 0).
+ABSENT = -1
+# Blocks of ~40,000 images: results reach the driver (and its progress lines) every few seconds.
+BLOCK_BYTES = 32 << 20
+# Peak heap of a read task: a chunk being parsed (~60 MB) and a block being filled.
+READ_TASK_MEMORY = 512 << 20
+# Blocks in flight between readers, actors and the driver: enough to keep every actor busy, and
+# fixed, so that memory does not grow with the input (Ray Data's default is a share of the node's RAM).
+IN_FLIGHT_BYTES_PER_ACTOR = 256 << 20
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """How the actor pool runs: up to ``concurrency`` actors × ``cpus_per_actor`` CPUs (+ 1 GPU each)."""
+
+    batch_size: int = 1024
+    concurrency: int = 1
+    cpus_per_actor: int = 1
+    use_gpu: bool = False
+
+
+def scored_stream(
+    paths: list[str], model_file: bytes, options: InferenceOptions
+) -> Iterator[dict[str, np.ndarray]]:
+    """Read, validate and score ``paths``; yield the records as numpy batches on the driver.
+
+    ``model_file`` is the bytes of a ``model.keras`` (sent to the actors, so the
+    run directory need only exist where the driver runs). Each batch has:
+    ``kind`` int8, ``file`` int32 (index into ``paths``), ``row`` int64,
+    ``label`` and ``image_id`` int64 (``ABSENT`` when the file has none),
+    ``reason`` and ``raw`` str, ``probs`` float32 (n, 10) (zeros for records
+    that are not images).
+    """
+    # Through the object store, held here for the whole run: actors fetch it once each.
+    model_ref = ray.put(model_file)
+    files = ray.data.from_items(
+        [{"path": p, FILE: i} for i, p in enumerate(paths)], override_num_blocks=len(paths)
+    )
+    # Reads are tasks of their own, in parallel with the actors: a declared memory need (which
+    # the actors do not share) also keeps Ray Data from fusing reading into the inference actors,
+    # where a GPU would wait while its actor parses CSV.
+    records = files.map_batches(
+        read_files, batch_size=1, batch_format="numpy", memory=READ_TASK_MEMORY
+    )
+    scored = records.map_batches(
+        Predictor,
+        # In a list, so that Ray passes the reference itself rather than inlining 2 MB per actor.
+        fn_constructor_kwargs={
+            "model_ref": [model_ref], "cpus": options.cpus_per_actor, "use_gpu": options.use_gpu
+        },
+        # From one actor up to `concurrency` while work waits and CPUs are free: a fixed pool that
+        # took every CPU would leave none for the read tasks, and the job would wait forever.
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=options.concurrency),
+        batch_size=options.batch_size,
+        batch_format="numpy",
+        num_cpus=options.cpus_per_actor,
+        num_gpus=1 if options.use_gpu else None,
+    )
+    _bound_memory(scored.context, options)
+    yield from scored.iter_batches(batch_size=None, batch_format="numpy")
+
+
+def _bound_memory(context: ray.data.DataContext, options: InferenceOptions) -> None:
+    """Smaller blocks and a fixed budget of blocks in flight, for this dataset only."""
+    context.target_max_block_size = BLOCK_BYTES
+    limits = context.execution_options.resource_limits
+    in_flight = IN_FLIGHT_BYTES_PER_ACTOR * (options.concurrency + 1)
+    context.execution_options.resource_limits = limits.copy(object_store_memory=in_flight)
+
+
+# --- reading (Ray Data tasks, one per file) -----------------------------------------------------
+
+
+def read_files(batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data UDF: the files named in ``batch`` (``path``, ``file``) → records, one block per chunk."""
+    for path, index in zip(batch["path"].tolist(), batch[FILE].tolist(), strict=True):
+        yield from file_records(str(path), int(index))
+
+
+def file_records(path: str, index: int) -> Iterator[dict[str, np.ndarray]]:
+    """The records of one file: its images and rejected rows chunk by chunk, then its end.
+
+    A problem with the file as a whole becomes one ``REJECTED_FILE`` record;
+    rows read before it (a gzip stream damaged midway) are kept.
+    """
+    chunks = CsvChunks(path, require_label=False, read_id=True)
+    try:
+        for valid, rejects in chunks:
+            if len(valid["row"]) or rejects:
+                yield _chunk_records(index, valid, rejects)
+        if not chunks.data_lines:
+            raise DataValidationError("has a header but no data rows", source=path)
+    except DataValidationError as exc:
+        yield _records(index, REJECTED_FILE, rows=[0], reasons=[file_problem(exc)], raws=[""])
+    summary = json.dumps({"sha256": chunks.sha256, "size": chunks.size, "whole_file": chunks.read_to_end})
+    yield _records(index, END_OF_FILE, rows=[chunks.data_lines], reasons=[""], raws=[summary])
+
+
+def file_problem(error: DataValidationError) -> str:
+    """The error's message without the file name (which has its own column)."""
+    return str(error).removeprefix(error.source).lstrip(",: ")
+
+
+def _chunk_records(
+    index: int, valid: dict[str, np.ndarray], rejects: list[RowProblem]
+) -> dict[str, np.ndarray]:
+    n = len(valid["row"])
+    images = _records(
+        index, IMAGE_ROW, rows=valid["row"], reasons=[""] * n, raws=[""] * n, images=valid["image"],
+        labels=valid.get(LABEL), image_ids=valid.get(IMAGE_ID),
+    )
+    if not rejects:
+        return images
+    bad = _records(
+        index, REJECTED_ROW, rows=np.array([r.row for r in rejects], np.int64),
+        reasons=[r.reason for r in rejects], raws=[r.raw for r in rejects],
+    )
+    return {key: np.concatenate([images[key], bad[key]]) for key in images}
+
+
+def _records(
+    index: int,
+    kind: int,
+    *,
+    rows: np.ndarray | list[int],
+    reasons: list[str],
+    raws: list[str],
+    images: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
+    image_ids: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    n = len(rows)
+    absent = np.full(n, ABSENT, np.int64)
+    return {
+        KIND: np.full(n, kind, np.int8),
+        FILE: np.full(n, index, np.int32),
+        ROW: np.asarray(rows, np.int64),
+        # Records that are not images carry blank pixels: one schema for every block.
+        IMAGE: images if images is not None else np.zeros((n, *IMAGE_SHAPE), np.uint8),
+        LABEL: labels if labels is not None else absent,
+        IMAGE_ID: image_ids if image_ids is not None else absent,
+        REASON: np.array(reasons, dtype=object),
+        RAW: np.array(raws, dtype=object),
+    }
+
+
+# --- inference (Ray Data actors) ----------------------------------------------------------------
+
+
+class Predictor:
+    """Ray Data actor: loads the model once, then scores the image records of every batch."""
+
+    def __init__(self, model_ref: list[ray.ObjectRef], cpus: int, use_gpu: bool) -> None:
+        _configure_tensorflow(cpus, use_gpu)
+        self.model = load_model_file(ray.get(model_ref[0]))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Add ``probs`` float32 (n, 10) (zeros for records that are not images); drop the pixels."""
+        is_image = batch[KIND] == IMAGE_ROW
+        probs = np.zeros((len(is_image), NUM_CLASSES), np.float32)
+        if is_image.any():
+            # Raw uint8 pixels: scaling is the model's first layer, as in training.
+            probs[is_image] = self.model.predict_on_batch(batch[IMAGE][is_image])
+        out = {key: value for key, value in batch.items() if key != IMAGE}
+        out[PROBS] = probs
+        return out
+
+
+def load_model_file(model_file: bytes):
+    """A tf-keras model from the bytes of a ``model.keras``, via ``artifacts.load_model`` (safe mode)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / artifacts.MODEL_FILE).write_bytes(model_file)
+        return artifacts.load_model(tmp)
+
+
+def _configure_tensorflow(cpus: int, use_gpu: bool) -> None:
+    import tensorflow as tf
+
+    # Threads = the CPUs Ray reserved for this actor: actors sharing a node must not oversubscribe it.
+    tf.config.threading.set_intra_op_parallelism_threads(cpus)
+    tf.config.threading.set_inter_op_parallelism_threads(max(2, cpus))
+    if use_gpu:
+        for gpu in tf.config.list_physical_devices("GPU"):
+            # Without this TensorFlow takes all GPU memory up front.
+            tf.config.experimental.set_memory_growth(gpu, True)
