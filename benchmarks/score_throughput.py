@@ -99,7 +99,8 @@ def main() -> int:
     parser.add_argument("--model", default="runs/latest", help="the run directory to score with")
     parser.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/mnist_ray_bench"))
-    parser.add_argument("--concurrency", type=int, default=1, help="inference actors of the job")
+    parser.add_argument("--concurrency", type=int, default=None,
+                        help="inference actors of the job (default: the job's own, as many as fit)")
     args = parser.parse_args()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     print(f"{'rows':>10}  {'method':<26} {'seconds':>8} {'rows/s':>8} {'peak GB':>8}  exit")
@@ -107,11 +108,12 @@ def main() -> int:
         csv = args.work_dir / f"digits-{rows}.csv"
         make_input(csv, rows)
         output = args.work_dir / f"scored-{rows}-{time.time_ns()}"
+        job = [sys.executable, "jobs/score.py", "--model", args.model, "--input", str(csv),
+               "--output", str(output)]
+        if args.concurrency:
+            job += ["--concurrency", str(args.concurrency)]
         runs = {
-            f"jobs/score.py ({args.concurrency} actor)": [
-                sys.executable, "jobs/score.py", "--model", args.model, "--input", str(csv),
-                "--output", str(output), "--concurrency", str(args.concurrency),
-            ],
+            f"jobs/score.py ({args.concurrency or 'auto'} actors)": job,
             "pandas + predict + parquet": [
                 sys.executable, "-c", BASELINE, str(csv), args.model,
                 str(args.work_dir / f"baseline-{rows}.parquet"),

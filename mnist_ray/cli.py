@@ -196,9 +196,10 @@ def score_parser() -> argparse.ArgumentParser:
     add_ray_flags(parser, gpu_help="one GPU per inference actor (GPU memory growth is enabled)")
     inference = parser.add_argument_group("inference")
     add_batch_size_flag(inference, default=DEFAULT_SCORE_BATCH_SIZE, meaning="images per inference call")
-    inference.add_argument("--concurrency", type=positive_int, default=1, metavar="N",
+    inference.add_argument("--concurrency", type=positive_int, default=None, metavar="N",
                            help="at most this many inference actors, each loading the model once; Ray Data "
-                           "starts one and adds more while work waits and resources are free (default: 1)")
+                           "starts one and adds more while work waits and resources are free (default: as "
+                           "many as the cluster's CPUs, or GPUs with --use-gpu, hold)")
     inference.add_argument("--cpus-per-actor", type=positive_int, default=1, metavar="N",
                            help="CPUs each inference actor reserves; TensorFlow uses that many threads "
                            "(default: 1)")

@@ -304,9 +304,9 @@ def parse_chunk(
         )
         for number, actual, expected in wrong_count
     ]
-    values, found = _check_ranges(table, checks, open_rows, row_lines, lines)
+    columns, found = _check_ranges(table, checks, open_rows, row_lines, lines)
     rejects += found
-    return _valid_rows(values, checks, open_rows, lines.rows[row_lines], layout), rejects
+    return _valid_rows(columns, open_rows, lines.rows[row_lines], layout), rejects
 
 
 def _no_rows(layout: CsvLayout) -> dict[str, np.ndarray]:
@@ -451,55 +451,67 @@ def _non_integer_problem(value: str) -> str:
 
 def _check_ranges(
     table: pa.Table, checks: list[Check], open_rows: np.ndarray, row_lines: np.ndarray, lines: _Lines
-) -> tuple[np.ndarray, list[RowProblem]]:
-    """Values int64 (rows, checks); reject the open rows with an empty or out-of-range value.
+) -> tuple[dict[str, np.ndarray], list[RowProblem]]:
+    """Columns as int64 arrays (empty values as 0); reject the open rows with an empty or out-of-range value.
 
-    ``open_rows`` loses the rows rejected here.
+    ``open_rows`` loses the rows rejected here. The usual chunk has no bad value: each
+    column's null count and min/max (one pass in pyarrow) clear it, and only the
+    columns they do not clear are checked value by value.
     """
-    # Column-major: each column is filled contiguously from pyarrow.
-    values = np.empty((table.num_rows, len(checks)), dtype=np.int64, order="F")
-    empty = np.zeros(values.shape, dtype=bool, order="F")
-    for k, (name, _, _) in enumerate(checks):
-        column = table[name]
+    columns: dict[str, np.ndarray] = {}
+    suspects: list[int] = []
+    for k, (name, lo, hi) in enumerate(checks):
+        column = table[name].combine_chunks() if table[name].num_chunks != 1 else table[name].chunk(0)
+        low, high = (scalar.as_py() for scalar in pc.min_max(column).values())
+        if column.null_count or (low is not None and low < lo) or (hi is not None and high is not None
+                                                                   and high > hi):
+            suspects.append(k)
+        columns[name] = column
+    if not suspects:
+        return {name: column.to_numpy() for name, column in columns.items()}, []
+    empty = np.zeros((table.num_rows, len(suspects)), dtype=bool)
+    bad = np.zeros_like(empty)
+    for j, k in enumerate(suspects):
+        name, lo, hi = checks[k]
+        column = columns[name]
         if column.null_count:
-            empty[:, k] = pc.is_null(column).to_numpy(zero_copy_only=False)
-            column = pc.fill_null(column, 0)
-        values[:, k] = column.to_numpy()
-    low = np.array([lo for _, lo, _ in checks], dtype=np.int64)
-    high = np.array([np.iinfo(np.int64).max if hi is None else hi for _, _, hi in checks], dtype=np.int64)
-    bad = (empty | (values < low) | (values > high)) & open_rows[:, None]
+            empty[:, j] = pc.is_null(column).to_numpy(zero_copy_only=False)
+            column = columns[name] = pc.fill_null(column, 0)
+        values = column.to_numpy()
+        bad[:, j] = empty[:, j] | (values < lo) | (False if hi is None else values > hi)
+    bad &= open_rows[:, None]
     bad_rows = np.flatnonzero(bad.any(axis=1))
-    first_bad = bad[bad_rows].argmax(axis=1)
+    first_bad = bad[bad_rows].argmax(axis=1)  # suspects are in check order: the row's first bad column
     is_empty = empty[bad_rows, first_bad]
     # The order training reports in: by column, an empty value before an out-of-range one, then by row.
     order = np.lexsort((bad_rows, ~is_empty, first_bad))
     rejects = []
-    for i, k, blank in zip(bad_rows[order].tolist(), first_bad[order].tolist(), is_empty[order].tolist(),
+    for i, j, blank in zip(bad_rows[order].tolist(), first_bad[order].tolist(), is_empty[order].tolist(),
                            strict=True):
-        name, lo, hi = checks[k]
+        name, lo, hi = checks[suspects[j]]
         if blank:
             problem, value = "empty value", ""
         else:
-            problem, value = (f"outside {lo}..{hi}" if hi is not None else f"below {lo}"), int(values[i, k])
+            value = int(columns[name][i].as_py())
+            problem = f"outside {lo}..{hi}" if hi is not None else f"below {lo}"
         rejects.append(lines.reject(int(row_lines[i]), problem, column=name, value=value))
     open_rows[bad_rows] = False
-    return values, rejects
+    return {name: column.to_numpy() for name, column in columns.items()}, rejects
 
 
 def _valid_rows(
-    values: np.ndarray, checks: list[Check], keep: np.ndarray, rows: np.ndarray, layout: CsvLayout
+    columns: dict[str, np.ndarray], keep: np.ndarray, rows: np.ndarray, layout: CsvLayout
 ) -> dict[str, np.ndarray]:
-    kept = values[keep]
-    names = [name for name, _, _ in checks]
-    pixels = kept[:, names.index(PIXEL_COLUMNS[0]) :]
-    out = {
-        "image": np.ascontiguousarray(pixels, dtype=np.uint8).reshape((-1, *IMAGE_SHAPE)),
-        "row": rows[keep],
-    }
+    # Column by column into uint8, then the kept rows: never an int64 copy of the whole chunk.
+    # Values of rejected rows may wrap in the cast; those rows are dropped right after.
+    pixels = np.empty((len(keep), len(PIXEL_COLUMNS)), dtype=np.uint8, order="F")
+    for j, name in enumerate(PIXEL_COLUMNS):
+        pixels[:, j] = columns[name]
+    out = {"image": pixels[keep].reshape((-1, *IMAGE_SHAPE)), "row": rows[keep]}
     if layout.has_label:
-        out["label"] = kept[:, names.index(LABEL_COLUMN)].copy()
+        out["label"] = columns[LABEL_COLUMN][keep]
     if layout.id_column:
-        out["image_id"] = kept[:, names.index(layout.id_column)].copy()
+        out["image_id"] = columns[layout.id_column][keep]
     return out
 
 

@@ -10,6 +10,7 @@ Exit codes are documented in :mod:`mnist_ray.cli`.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime
 import json
 import os
@@ -91,11 +92,21 @@ class FileResult:
 
 @dataclass(frozen=True)
 class ScoringModel:
-    """The model a batch scores with: where it came from, its bytes (sent to the actors), its id."""
+    """The model a batch scores with: where it came from, its bytes (sent to the actors), its id.
+
+    ``loads`` is the check that the file loads (in safe mode) and fits the input contract:
+    importing TensorFlow and loading take seconds, so it runs in a thread while Ray starts;
+    :meth:`checked` waits for it and raises its ``RunDirError``.
+    """
 
     run_dir: Path
     model_file: bytes
     model_id: str
+    loads: concurrent.futures.Future
+
+    def checked(self) -> ScoringModel:
+        self.loads.result()
+        return self
 
 
 @dataclass
@@ -129,6 +140,7 @@ def main(args: argparse.Namespace) -> int:
             code = score_batch(
                 paths, model, output_dir, date, options, force=args.force, address=args.address
             )
+            model.checked()  # when nothing needed scoring, the model has not been checked yet
             # The batch an interrupted job could not report on is reported now.
             if code == EXIT_OK and EXIT_REJECTS in recovered:
                 code = EXIT_REJECTS
@@ -140,10 +152,19 @@ def main(args: argparse.Namespace) -> int:
 
 
 def load_scoring_model(run_dir: Path) -> ScoringModel:
-    """The model of a run fit to score; raises ``RunDirError`` otherwise."""
+    """The model of a run fit to score, its load check started; raises ``RunDirError`` if it is not."""
     artifacts.check_scoring_run(run_dir)
     path = run_dir / artifacts.MODEL_FILE
     model_file = path.read_bytes()
+    # A daemon-like single thread: the job never waits for it except through `checked()`.
+    loads = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model-check").submit(
+        check_model_file, path, model_file
+    )
+    return ScoringModel(run_dir, model_file, artifacts.content_id(model_file), loads)
+
+
+def check_model_file(path: Path, model_file: bytes) -> None:
+    """Raise ``RunDirError`` unless ``model_file`` loads in safe mode and maps 28×28 images to 10 classes."""
     try:
         model = load_model_file(model_file)
     except Exception as exc:  # any failure to load means the same thing: this file cannot score
@@ -153,7 +174,6 @@ def load_scoring_model(run_dir: Path) -> ScoringModel:
             f"{path} takes {model.input_shape} and returns {model.output_shape}; "
             f"expected (None, 28, 28) → (None, {NUM_CLASSES})"
         )
-    return ScoringModel(run_dir, model_file, artifacts.content_id(model_file))
 
 
 def score_batch(
@@ -177,8 +197,7 @@ def score_batch(
     batch = StagedBatch(output_dir, scoring_output.new_batch_id(started), date, model.model_id, started)
     print(
         f"batch {batch.batch_id}: scoring {len(todo)} file(s) with model {model.model_id} ({model.run_dir}), "
-        f"date {date}; up to {options.concurrency} actor(s) × {options.cpus_per_actor} CPU"
-        f"{' + 1 GPU' if options.use_gpu else ''}, batch size {options.batch_size}",
+        f"date {date}",
         flush=True,
     )
     try:
@@ -209,7 +228,13 @@ def stage(
     results = {i.path: FileResult(i.path) for i in todo}
     if readable:
         connect_ray(address)
-        warn_if_no_cpu_left_for_reading(options)
+        model.checked()
+        options = options.resolved(ray.cluster_resources())
+        print(
+            f"inference: up to {options.concurrency} actor(s) × {options.cpus_per_actor} CPU"
+            f"{' + 1 GPU' if options.use_gpu else ''}, batch size {options.batch_size}",
+            flush=True,
+        )
         stream_into(batch, readable, results, model.model_file, options)
     for item in todo:
         if item.unreadable is not None:
@@ -227,17 +252,6 @@ def stage(
     if metrics is not None:
         batch.write_json(scoring_output.METRICS_FILE, metrics)
     return Staged(summary, metrics, published, changed, results)
-
-
-def warn_if_no_cpu_left_for_reading(options: InferenceOptions) -> None:
-    cpus = int(ray.cluster_resources().get("CPU", 0))
-    if cpus < options.cpus_per_actor + 1:
-        # Not an error: an autoscaling cluster adds nodes when the work asks for them.
-        print(
-            f"warning: the cluster has {cpus} CPU(s); an inference actor takes {options.cpus_per_actor}, "
-            "leaving none for the read tasks: the job waits until the cluster grows",
-            flush=True,
-        )
 
 
 def plan_inputs(paths: list[str], manifest: list[dict], model_id: str, *, force: bool) -> list[InputFile]:
@@ -276,7 +290,8 @@ def stream_into(
     """Run the Ray Data pipeline over ``inputs``, staging its records and counting them in ``results``."""
     paths = [i.path for i in inputs]
     progress = Progress(len(paths))
-    for records in scored_stream(paths, model_file, options):
+    input_bytes = sum(i.size or 0 for i in inputs)
+    for records in scored_stream(paths, model_file, options, input_bytes=input_bytes):
         files = records[FILE]
         for index in np.unique(files).tolist():
             result = results[paths[index]]
