@@ -89,9 +89,10 @@ def train_loop_per_worker(config_dict: dict) -> None:
     rank = context.get_world_rank()
     # On a cluster, where each worker ran is the first thing to know when one is slow or fails.
     runtime = ray.get_runtime_context()
+    gpus = runtime.get_accelerator_ids().get("GPU", [])
     sys.stdout.write(
         f"worker {rank} of {context.get_world_size()} on node {runtime.get_node_id()} "
-        f"({ray.util.get_node_ip_address()}, host {socket.gethostname()})\n"
+        f"(host {socket.gethostname()}{', GPU ' + ','.join(gpus) if gpus else ''})\n"
     )
     _configure_tensorflow(config)
     keras.utils.set_random_seed(config.seed + rank)

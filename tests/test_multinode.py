@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 from tests.helpers import write_kaggle_csv
-from tests.ray_cluster import LocalRayCluster
+from tests.ray_cluster import RAY, LocalRayCluster
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -81,3 +82,14 @@ def test_two_workers_train_on_two_nodes_and_the_model_scores(
     summary = json.loads((batch_dir / "summary.json").read_text())
     assert summary["total"]["scored"] == SCORED_ROWS
     assert len((scored / "_manifest.jsonl").read_text().splitlines()) == 1
+
+
+def test_the_job_api_refuses_a_client_without_the_token(two_nodes: LocalRayCluster):
+    """Token authentication is really on: the same request without the token is refused."""
+    assert two_nodes.cli("job", "list").returncode == 0
+    anonymous = two_nodes.client_env | {"RAY_AUTH_MODE": "disabled"}
+    del anonymous["RAY_AUTH_TOKEN"]
+    refused = subprocess.run([RAY, "job", "list"], env=anonymous, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0
+    assert "401" in refused.stdout + refused.stderr or "nauthorized" in refused.stdout + refused.stderr, (
+        refused.stdout + refused.stderr)[-2000:]
