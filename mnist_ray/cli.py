@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 
 from mnist_ray.artifacts import DEFAULT_RUNS_DIR, LATEST, RunDirError
-from mnist_ray.config import MODEL_KINDS, TrainConfig
+from mnist_ray.config import MODEL_KINDS, PLACEMENT_STRATEGIES, TrainConfig
 
 # Exit codes the jobs document and schedulers act on.
 EXIT_OK = 0
@@ -109,6 +109,11 @@ def add_worker_flags(group: argparse._ArgumentGroup) -> None:
         "--cpus-per-worker", type=positive_int, default=None,
         help="CPUs each worker reserves; TensorFlow uses that many threads "
         "(default: the cluster's CPUs divided among the workers)",
+    )
+    group.add_argument(
+        "--placement-strategy", choices=PLACEMENT_STRATEGIES, default=_DEFAULTS.placement_strategy,
+        help="how Ray places the workers: PACK on as few nodes as possible (default), SPREAD over "
+        "different nodes where it can, STRICT_SPREAD on different nodes or not at all",
     )
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 MODEL_KINDS = ("cnn", "mlp")
+# Ray placement-group strategies for the training workers: PACK fills a node before the
+# next (fast collectives), SPREAD prefers different nodes, STRICT_SPREAD requires them.
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD")
 
 
 @dataclass
@@ -20,6 +23,7 @@ class TrainConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: int = 1
+    placement_strategy: str = "PACK"
     mixed_precision: bool = False
     seed: int = 0
     early_stopping_patience: int = 5

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -20,6 +21,7 @@ import warnings
 from dataclasses import asdict
 
 import numpy as np
+import ray
 import ray.train
 import tensorflow as tf
 import tf_keras as keras
@@ -53,12 +55,7 @@ def fit_distributed(
     trainer = TensorflowTrainer(
         train_loop_per_worker=train_loop_per_worker,
         train_loop_config=asdict(config),
-        scaling_config=ScalingConfig(
-            num_workers=config.num_workers,
-            use_gpu=config.use_gpu,
-            resources_per_worker={"CPU": config.cpus_per_worker}
-            | ({"GPU": 1} if config.use_gpu else {}),
-        ),
+        scaling_config=scaling_config(config),
         run_config=RunConfig(
             name=run_name,
             storage_path=storage_path,
@@ -75,11 +72,28 @@ def fit_distributed(
     return trainer.fit()
 
 
+def scaling_config(config: TrainConfig) -> ScalingConfig:
+    """The workers Ray Train starts: how many, what each reserves, and how they are placed on nodes."""
+    return ScalingConfig(
+        num_workers=config.num_workers,
+        use_gpu=config.use_gpu,
+        resources_per_worker={"CPU": config.cpus_per_worker} | ({"GPU": 1} if config.use_gpu else {}),
+        placement_strategy=config.placement_strategy,
+    )
+
+
 def train_loop_per_worker(config_dict: dict) -> None:
     """Runs on every Ray Train worker: build, (resume,) fit, report every epoch."""
     config = TrainConfig.from_dict(config_dict)
     context = ray.train.get_context()
     rank = context.get_world_rank()
+    # On a cluster, where each worker ran is the first thing to know when one is slow or fails.
+    runtime = ray.get_runtime_context()
+    gpus = runtime.get_accelerator_ids().get("GPU", [])
+    sys.stdout.write(
+        f"worker {rank} of {context.get_world_size()} on node {runtime.get_node_id()} "
+        f"(host {socket.gethostname()}{', GPU ' + ','.join(gpus) if gpus else ''})\n"
+    )
     _configure_tensorflow(config)
     keras.utils.set_random_seed(config.seed + rank)
     strategy = tf.distribute.MultiWorkerMirroredStrategy()

@@ -8,6 +8,7 @@ authentication is on, as on a real Ray 2.60 cluster.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -79,6 +80,18 @@ class LocalRayCluster:
         self._start_node(f"--address=127.0.0.1:{self.gcs_port}", "--node-ip-address=127.0.0.1",
                          num_cpus=num_cpus)
 
+    def wait_for_nodes(self, count: int, timeout: float = 120) -> None:
+        """Wait until ``count`` nodes are alive (a node started by add_node takes seconds to join)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if len(self.list_state("nodes", "state=ALIVE")) >= count:
+                    return
+            except RuntimeError:
+                pass  # the head's state API is still starting
+            time.sleep(2)
+        raise TimeoutError(f"{count} Ray nodes did not come up in {timeout}s: {self.head_log()}")
+
     def _start_node(self, *args: str, num_cpus: int | None = None) -> None:
         temp_dir = tempfile.mkdtemp(prefix="mr", dir="/tmp")  # short: Unix socket paths are limited
         self.temp_dirs.append(temp_dir)
@@ -96,8 +109,7 @@ class LocalRayCluster:
         while time.monotonic() < deadline:
             if self.processes[0].poll() is not None:
                 raise RuntimeError(f"ray head exited: {self.head_log()}")
-            probe = subprocess.run([RAY, "job", "list", "--address", self.dashboard_url],
-                                   env=self.env, capture_output=True, text=True)
+            probe = self.cli("job", "list", "--address", self.dashboard_url)
             if probe.returncode == 0:
                 return
             time.sleep(2)
@@ -107,15 +119,32 @@ class LocalRayCluster:
         path = Path(self.temp_dirs[0]) / "ray_start.log"
         return path.read_text()[-3000:] if path.exists() else ""
 
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        """Run ``ray <args>`` as a client of this cluster (its address and token in the environment)."""
+        return subprocess.run(
+            [RAY, *args], env=self.client_env, capture_output=True, text=True, timeout=timeout
+        )
+
+    def list_state(self, kind: str, *filters: str) -> list[dict]:
+        """Ray's state API (`ray list <kind> --detail`): e.g. ``list_state("actors", "class_name=X")``.
+
+        Dead actors and nodes are listed too (Ray keeps them for a while), with their node ids.
+        """
+        args = ["list", kind, "--detail", "--format", "json", "--limit", "10000"]
+        for condition in filters:
+            args += ["--filter", condition]
+        listing = self.cli(*args)
+        if listing.returncode != 0:
+            raise RuntimeError(f"ray {' '.join(args)} failed: {listing.stderr[-2000:]}")
+        # An empty listing is a sentence, not JSON.
+        return json.loads(listing.stdout) if listing.stdout.lstrip().startswith("[") else []
+
     def submit(
         self, *entrypoint: str, working_dir: Path, timeout: float = 900
     ) -> subprocess.CompletedProcess:
         """`ray job submit --working-dir ... -- <entrypoint>`, waiting for the job to end."""
-        return subprocess.run(
-            [RAY, "job", "submit", "--address", self.dashboard_url, "--working-dir", str(working_dir),
-             "--", *entrypoint],
-            env=self.env, capture_output=True, text=True, timeout=timeout,
-        )
+        return self.cli("job", "submit", "--address", self.dashboard_url, "--working-dir", str(working_dir),
+                        "--", *entrypoint, timeout=timeout)
 
     def stop(self) -> None:
         for proc in reversed(self.processes):
@@ -123,9 +152,11 @@ class LocalRayCluster:
                 os.killpg(proc.pid, signal.SIGTERM)
             except ProcessLookupError:
                 continue
+        # One 10 s grace period for all nodes together, not 10 s each.
+        deadline = time.monotonic() + 10
         for proc in reversed(self.processes):
             try:
-                proc.wait(timeout=10)
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
             try:
