@@ -34,8 +34,9 @@ REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
 KUBERAY = CLUSTER / "kuberay"
 LAUNCHER_CONFIGS = [CLUSTER / "aws.yaml"]
-# KubeRay's published CRDs (../shared/kuberay-crds/README.md): the schema the API server applies.
-CRD_DIR = REPO.parent / "shared" / "kuberay-crds"
+# KubeRay's published CRDs (provenance in their README.md): the schema the API server applies.
+# A copy lives in the repository, so that the tests need nothing from outside the checkout.
+CRD_DIR = REPO / "tests" / "schemas" / "kuberay-crds"
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
              "RayCronJob": "ray.io_raycronjobs.yaml"}
 # Core Kubernetes kinds the manifests may also hold: no schema of them is available offline.

@@ -1,7 +1,9 @@
 """A real two-node Ray cluster on this machine: train with workers spread over both nodes, then score.
 
-The head and a second node are separate ``ray start`` processes on 127.0.0.1, each
-with 1 CPU, its own ports and its own temp dir, with token authentication on. Both
+The head (2 CPUs) and a second node (1 CPU) are separate ``ray start`` processes on
+127.0.0.1, each with its own ports and temp dir, with token authentication on. The head
+alone could hold both 1-CPU training workers (PACK would put them there): only the SPREAD
+placement puts them on two nodes, so the test sees the flag work, not just a lack of room. Both
 jobs go in through ``ray job submit``, as on a real cluster (cluster/README.md).
 """
 
@@ -26,7 +28,7 @@ SCORED_ROWS = 300
 
 @pytest.fixture(scope="module")
 def two_nodes():
-    cluster = LocalRayCluster(num_cpus=1)
+    cluster = LocalRayCluster(num_cpus=2)
     try:
         cluster.start_head()
         cluster.add_node(num_cpus=1)
