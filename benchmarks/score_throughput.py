@@ -28,9 +28,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from machine import describe, machine, write_results  # noqa: E402
+
 from mnist_ray.csv_format import write_kaggle_csv  # noqa: E402
 from mnist_ray.data import BUNDLED_MNIST  # noqa: E402
 
+JOB = "jobs/score.py"
+BASELINE_NAME = "pandas + predict + parquet"
 BASELINE = """
 import sys, numpy as np, pandas as pd
 import mnist_ray
@@ -97,13 +101,17 @@ def _pss_bytes(pid: int) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="runs/latest", help="the run directory to score with")
-    parser.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/mnist_ray_bench"))
     parser.add_argument("--concurrency", type=int, default=None,
                         help="inference actors of the job (default: the job's own, as many as fit)")
+    parser.add_argument("--json", type=Path, default=None, help="where to write the results")
     args = parser.parse_args()
     args.work_dir.mkdir(parents=True, exist_ok=True)
+    info = machine()
+    print(describe(info), flush=True)
     print(f"{'rows':>10}  {'method':<26} {'seconds':>8} {'rows/s':>8} {'peak GB':>8}  exit")
+    results = []
     for rows in args.rows:
         csv = args.work_dir / f"digits-{rows}.csv"
         make_input(csv, rows)
@@ -113,16 +121,31 @@ def main() -> int:
         if args.concurrency:
             job += ["--concurrency", str(args.concurrency)]
         runs = {
-            f"jobs/score.py ({args.concurrency or 'auto'} actors)": job,
-            "pandas + predict + parquet": [
+            JOB: job,
+            BASELINE_NAME: [
                 sys.executable, "-c", BASELINE, str(csv), args.model,
                 str(args.work_dir / f"baseline-{rows}.parquet"),
             ],
         }
         for name, command in runs.items():
             seconds, peak, code = run_measured(command)
+            results.append({"rows": rows, "method": name, "seconds": seconds, "rows_per_s": rows / seconds,
+                            "peak_gb": peak, "exit_code": code})
             print(f"{rows:>10,}  {name:<26} {seconds:>8.1f} {rows / seconds:>8,.0f} {peak:>8.2f}  {code}",
                   flush=True)
+    print()
+    for rows in args.rows:
+        by_method = {r["method"]: r for r in results if r["rows"] == rows}
+        job, base = by_method[JOB], by_method[BASELINE_NAME]
+        print(f"{rows:>10,} rows: jobs/score.py at {job['rows_per_s'] / base['rows_per_s']:.2f}× the "
+              f"baseline's rows/s, {job['peak_gb'] / base['peak_gb']:.2f}× its peak memory")
+    peaks = {r["rows"]: r["peak_gb"] for r in results if r["method"] == JOB}
+    if len(peaks) > 1:
+        small, large = min(peaks), max(peaks)
+        print(f"jobs/score.py peak memory at {large:,} rows is {peaks[large] / peaks[small]:.2f}× that at "
+              f"{small:,} rows")
+    payload = {"machine": info, "concurrency": args.concurrency, "results": results}
+    print(f"results: {write_results('score_throughput', payload, args.json)}")
     return 0
 
 

@@ -1,0 +1,54 @@
+"""What every benchmark records beside its figures: the machine and the versions they were measured on."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO / "benchmarks" / "results"
+
+
+def machine() -> dict:
+    """Cores, memory, CPU model, load when measured, Python / Ray / TensorFlow versions, git commit."""
+    meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    cpu_model = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+         if line.startswith("model name")),
+        platform.processor(),
+    )
+    versions = subprocess.run(
+        [sys.executable, "-c", "import ray, tensorflow; print(ray.__version__, tensorflow.__version__)"],
+        capture_output=True, text=True, cwd=REPO,
+    ).stdout.split()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=REPO).stdout.strip()
+    return {
+        "cpus": os.cpu_count(),
+        "memory_gb": round(int(meminfo["MemTotal"].split()[0]) / 2**20, 1),
+        "cpu_model": cpu_model,
+        # A shared machine: the load when the run began says how much the figures can be trusted.
+        "load_average_1m": os.getloadavg()[0],
+        "python": platform.python_version(),
+        "ray": versions[0] if versions else None,
+        "tensorflow": versions[1] if len(versions) > 1 else None,
+        "commit": commit or None,
+    }
+
+
+def describe(info: dict) -> str:
+    return (f"machine: {info['cpus']} CPUs ({info['cpu_model']}), {info['memory_gb']} GB; "
+            f"load {info['load_average_1m']:.1f} at start; Python {info['python']}, Ray {info['ray']}, "
+            f"TensorFlow {info['tensorflow']}; commit {info['commit']}")
+
+
+def write_results(name: str, payload: dict, destination: Path | None = None) -> Path:
+    """Write ``payload`` as ``benchmarks/results/<name>.json`` (or ``destination``); return the path."""
+    path = destination or RESULTS_DIR / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
