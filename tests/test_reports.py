@@ -287,7 +287,7 @@ def test_class_shift_needs_a_large_and_significant_difference():
     skewed = np.array([150, 150, 0, 0, 0, 0, 0, 0, 0, 0])
     shift = class_shift(skewed, reference)
     assert shift.flagged and shift.tvd > 0.7 and shift.p_value < 1e-6
-    # 20 images: a TVD of 0.3 happens by chance, and is not significant.
+    # 20 images: a TVD above 0.1 is ordinary chance, and not significant.
     small = np.array([4, 2, 2, 2, 2, 2, 2, 2, 1, 1])
     assert class_shift(small, reference).tvd >= 0.1 and not class_shift(small, reference).flagged
     # A million images: a 2 % shift is significant, and too small to matter.

@@ -46,7 +46,7 @@ def render_batch_report(batch_dir: Path) -> tuple[Path, list[str]]:
         page.paragraph(f"Accuracy {metrics['accuracy']:.2%} ({metrics['count'] - metrics['errors']:,} of "
                        f"{metrics['count']:,}), macro F1 {metrics['macro_f1']:.4f}.")
         sections.evaluation(
-            page, metrics, what="labelled",
+            page, metrics, what="labelled", sample_of="the batch's digits",
             confidence=predictions["confidence"].filter(labelled).to_numpy(),
             correct=correct.filter(labelled).to_numpy(zero_copy_only=False).astype(bool),
             digits=digits,

@@ -87,4 +87,5 @@ def _test_section(page: Page, run_dir: Path, metrics: dict) -> None:
             f"This run directory has no {artifacts.TEST_PREDICTIONS_FILE} / {artifacts.TEST_DIGITS_FILE} "
             "(it was trained by an earlier version): no confidence histogram or digit grids.", kind="note",
         )
-    sections.evaluation(page, metrics, what="test", confidence=confidence, correct=correct, digits=digits)
+    sections.evaluation(page, metrics, what="test", sample_of="the test digits", confidence=confidence,
+                        correct=correct, digits=digits)

@@ -16,13 +16,15 @@ def evaluation(
     metrics: dict,
     *,
     what: str,
+    sample_of: str,
     confidence: np.ndarray | None,
     correct: np.ndarray | None,
     digits: dict[str, dict[str, np.ndarray]] | None,
 ) -> None:
     """Metrics table, confusion matrices, per-class scores, confidence right vs wrong, digit grids.
 
-    ``what`` names the images (e.g. "test", "labelled"); ``confidence`` float (n,) and
+    ``what`` names the images (e.g. "test", "labelled"), ``sample_of`` those the random sample
+    is drawn from (a batch's sample includes its unlabelled rows); ``confidence`` float (n,) and
     ``correct`` bool (n,) of every labelled prediction, or None when not saved; ``digits``
     as :func:`mnist_ray.digit_samples.read_digits` returns, or None.
     """
@@ -43,9 +45,9 @@ def evaluation(
                     "predictions.")
     if digits is None:
         return
-    digit_grid(page, "digits_sample", digits[SAMPLE], f"A random sample of {what} digits",
+    digit_grid(page, "digits_sample", digits[SAMPLE], f"A random sample of {sample_of}",
                "Predicted class and confidence above each digit: green when right, red when wrong (with the "
-               "true class).")
+               "true class), dark grey when the row has no label; its data row below.")
     digit_grid(page, "digits_mistakes", digits[CONFIDENT_MISTAKES], "The most confident mistakes",
                f"The {what} digits the model got wrong with the highest confidence: predicted class, "
                "confidence, true class.")
