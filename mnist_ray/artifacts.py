@@ -7,6 +7,13 @@ runs/<timestamp>/
   metadata.json   data source + fingerprint, config, input contract, versions, git commit, metrics
   history.json    one record per epoch (also history.csv)
   metrics.json    test-set metrics
+  test_predictions.parquet  one row per test image: source, row, label, predicted, confidence
+  test_digits.parquet       pixels and predictions of the few test digits the report shows
+                            (a random sample, the least confident, the most confident mistakes:
+                            mnist_ray.digit_samples)
+  report.html     the run's report, self-contained (pictures embedded); report.md the same for
+  report.md         terminals and code review, showing the pictures in report/
+  report/*.png
   ray_train/      Ray Train's checkpoints, unless --storage-path points elsewhere
 runs/latest  ->   the newest completed run
 ```
@@ -23,6 +30,11 @@ import time
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mnist_ray.digit_samples import DigitSampler, source_group
 from mnist_ray.schema import CLASS_NAMES, IMAGE_SHAPE, PIXEL_MAX, PIXEL_MIN
 
 MODEL_FILE = "model.keras"
@@ -31,6 +43,10 @@ METADATA_FILE = "metadata.json"
 HISTORY_JSON = "history.json"
 HISTORY_CSV = "history.csv"
 METRICS_FILE = "metrics.json"
+TEST_PREDICTIONS_FILE = "test_predictions.parquet"
+TEST_DIGITS_FILE = "test_digits.parquet"
+# The same names in a scoring batch's directory (mnist_ray.scoring_output).
+REPORT_HTML, REPORT_MD, REPORT_FIGURES = "report.html", "report.md", "report"
 LATEST = "latest"
 DEFAULT_RUNS_DIR = "runs"
 
@@ -92,6 +108,49 @@ def write_history(run_dir: Path, history: list[dict]) -> None:
         writer.writeheader()
         writer.writerows(history)
     os.replace(tmp, run_dir / HISTORY_CSV)
+
+
+TEST_PREDICTIONS_SCHEMA = pa.schema(
+    [
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("row", pa.int64(), nullable=False),
+        pa.field("label", pa.int64(), nullable=False),
+        pa.field("predicted", pa.int64(), nullable=False),
+        pa.field("confidence", pa.float32(), nullable=False),
+    ]
+)
+
+
+def write_test_predictions(
+    run_dir: Path, sources: np.ndarray, rows: np.ndarray, labels: np.ndarray, probs: np.ndarray,
+    images: np.ndarray,
+) -> None:
+    """Save what the run's report needs of the test set: every prediction, and a few digits' pixels.
+
+    ``sources`` str (n,), ``rows`` and ``labels`` int64 (n,), ``probs`` float32 (n, 10),
+    ``images`` uint8 (n, 28, 28). About 20 bytes per test image plus ~75 KB of pixels.
+    """
+    predicted = probs.argmax(axis=1).astype(np.int64)
+    confidence = probs.max(axis=1).astype(np.float32)
+    table = pa.table(
+        {"source": pa.array(sources.astype(str)), "row": pa.array(rows, pa.int64()),
+         "label": pa.array(labels, pa.int64()), "predicted": pa.array(predicted),
+         "confidence": pa.array(confidence)},
+        schema=TEST_PREDICTIONS_SCHEMA,
+    )
+    _write_parquet(run_dir / TEST_PREDICTIONS_FILE, table)
+    digits = DigitSampler()
+    digits.add(
+        groups=source_group(sources), sources=sources, rows=rows, labelled=np.ones(len(rows), bool),
+        labels=labels, predicted=predicted, confidence=confidence, images=images,
+    )
+    _write_parquet(run_dir / TEST_DIGITS_FILE, digits.table())
+
+
+def _write_parquet(path: Path, table: pa.Table) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
 
 
 def build_metadata(*, config: dict, data: dict, metrics: dict, best_epoch: dict) -> dict:

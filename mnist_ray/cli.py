@@ -211,6 +211,20 @@ def score_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def report_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jobs/report.py",
+        description="Render the report (report.html, report.md, report/*.png) of a training run or a\n"
+        "scoring batch again, from its saved artifacts: no training, no scoring, no Ray.",
+        epilog="Exit codes: 0 written; 2 the directory is neither a finished run nor a published batch.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("directory", metavar="RUN_OR_BATCH_DIR",
+                        help="a run directory (runs/<timestamp>, runs/latest) or a scoring batch directory "
+                        "(OUTPUT/batches/<batch_id>)")
+    return parser
+
+
 class JobFailed(RuntimeError):
     """The job failed for a reason one line explains: exit code 1, no traceback."""
 
@@ -244,5 +258,18 @@ def score_main(argv: list[str] | None = None) -> int:
     """Console entry point ``mnist-ray-score``: the same as ``python jobs/score.py``."""
     args = score_parser().parse_args(argv)  # before importing TensorFlow: --help stays instant
     from mnist_ray.score_run import main
+
+    return run_job(main, args)
+
+
+def report_main(argv: list[str] | None = None) -> int:
+    """Console entry point ``mnist-ray-report``: the same as ``python jobs/report.py``."""
+    args = report_parser().parse_args(argv)
+
+    def main(args: argparse.Namespace) -> int:
+        from mnist_ray.reports import render_and_print
+
+        render_and_print(args.directory)
+        return EXIT_OK
 
     return run_job(main, args)

@@ -319,13 +319,25 @@ def class_counts(ds: ray.data.Dataset) -> list[int]:
 
 def dataset_to_arrays(ds: ray.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
     """Pull a (small) dataset into (images uint8 (n, 28, 28), labels int64 (n,))."""
-    parts = list(ds.select_columns([IMAGE, LABEL]).iter_batches(batch_size=None))
+    columns = dataset_columns(ds, [IMAGE, LABEL])
+    return columns[IMAGE], columns[LABEL]
+
+
+def dataset_columns(ds: ray.data.Dataset, names: list[str]) -> dict[str, np.ndarray]:
+    """Pull some columns of a (small) dataset to the driver in one pass.
+
+    ``image`` comes as uint8 (n, 28, 28), ``label`` and ``row`` as int64 (n,),
+    ``source`` as str objects (n,).
+    """
+    empty = {IMAGE: np.empty((0, *IMAGE_SHAPE), np.uint8), LABEL: np.empty((0,), np.int64),
+             ROW: np.empty((0,), np.int64), SOURCE: np.empty((0,), object)}
+    parts = list(ds.select_columns(names).iter_batches(batch_size=None))
     if not parts:
-        return np.empty((0, *IMAGE_SHAPE), np.uint8), np.empty((0,), np.int64)
-    return (
-        np.concatenate([p[IMAGE] for p in parts]).astype(np.uint8, copy=False),
-        np.concatenate([p[LABEL] for p in parts]).astype(np.int64, copy=False),
-    )
+        return {name: empty[name] for name in names}
+    return {
+        name: np.concatenate([p[name] for p in parts]).astype(empty[name].dtype, copy=False)
+        for name in names
+    }
 
 
 def _sha256(path: str | Path) -> str:

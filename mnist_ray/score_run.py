@@ -28,8 +28,10 @@ import ray
 from mnist_ray import artifacts, scoring_output
 from mnist_ray.cli import EXIT_OK, EXIT_REJECTS, JobFailed, score_parser
 from mnist_ray.csv_format import file_digest, resolve_csv_paths
+from mnist_ray.digit_samples import DigitSampler
 from mnist_ray.evaluation import classification_metrics
 from mnist_ray.ray_setup import connect_ray
+from mnist_ray.reports import write_report
 from mnist_ray.schema import IMAGE_SHAPE, NUM_CLASSES
 from mnist_ray.scoring import (
     ABSENT,
@@ -39,6 +41,7 @@ from mnist_ray.scoring import (
     IMAGE_ROW,
     KIND,
     LABEL,
+    PIXELS,
     PROBS,
     RAW,
     REASON,
@@ -103,6 +106,8 @@ class ScoringModel:
     model_file: bytes
     model_id: str
     loads: concurrent.futures.Future
+    # The training data's class counts (metadata.json): the batch report's reference distribution.
+    train_class_counts: list[int] | None = None
 
     def checked(self) -> ScoringModel:
         self.loads.result()
@@ -153,14 +158,15 @@ def main(args: argparse.Namespace) -> int:
 
 def load_scoring_model(run_dir: Path) -> ScoringModel:
     """The model of a run fit to score, its load check started; raises ``RunDirError`` if it is not."""
-    artifacts.check_scoring_run(run_dir)
+    metadata = artifacts.check_scoring_run(run_dir)
     path = run_dir / artifacts.MODEL_FILE
     model_file = path.read_bytes()
     # A daemon-like single thread: the job never waits for it except through `checked()`.
     loads = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model-check").submit(
         check_model_file, path, model_file
     )
-    return ScoringModel(run_dir, model_file, artifacts.content_id(model_file), loads)
+    counts = metadata.get("data", {}).get("train_class_counts")
+    return ScoringModel(run_dir, model_file, artifacts.content_id(model_file), loads, counts)
 
 
 def check_model_file(path: Path, model_file: bytes) -> None:
@@ -209,6 +215,7 @@ def score_batch(
     entries, replaced = manifest_entries(batch, staged.published, staged.results, manifest)
     batch_dir = scoring_output.publish(batch, entries, replaced)
     print_summary(staged.summary, staged.metrics, batch_dir)
+    write_report(batch_dir)
     if staged.changed:
         raise JobFailed(
             f"{', '.join(i.path for i in staged.changed)} changed while being scored: not published; "
@@ -226,6 +233,7 @@ def stage(
     todo = [i for i in inputs if i.previous is None]
     readable = [i for i in todo if i.unreadable is None]
     results = {i.path: FileResult(i.path) for i in todo}
+    digits = DigitSampler()
     if readable:
         connect_ray(address)
         model.checked()
@@ -235,7 +243,7 @@ def stage(
             f"{' + 1 GPU' if options.use_gpu else ''}, batch size {options.batch_size}",
             flush=True,
         )
-        stream_into(batch, readable, results, model.model_file, options)
+        stream_into(batch, readable, results, digits, model.model_file, options)
     for item in todo:
         if item.unreadable is not None:
             batch.add_rejects(item.path, [None], [item.unreadable], [""])
@@ -246,8 +254,9 @@ def stage(
         batch.discard(item.path)
     published = [i for i in todo if i not in changed]
     seconds = time.monotonic() - clock
-    summary = build_summary(batch, model.run_dir, inputs, published, changed, results, seconds)
+    summary = build_summary(batch, model, inputs, published, changed, results, seconds)
     metrics = labelled_metrics([results[i.path] for i in published])
+    batch.write_parquet(scoring_output.DIGITS_FILE, digits.table(exclude=[i.path for i in changed]))
     batch.write_json(scoring_output.SUMMARY_FILE, summary)
     if metrics is not None:
         batch.write_json(scoring_output.METRICS_FILE, metrics)
@@ -284,10 +293,12 @@ def stream_into(
     batch: StagedBatch,
     inputs: list[InputFile],
     results: dict[str, FileResult],
+    digits: DigitSampler,
     model_file: bytes,
     options: InferenceOptions,
 ) -> None:
-    """Run the Ray Data pipeline over ``inputs``, staging its records and counting them in ``results``."""
+    """Run the Ray Data pipeline over ``inputs``, staging its records, counting them in ``results``
+    and offering the report's candidate digits to ``digits``."""
     paths = [i.path for i in inputs]
     progress = Progress(len(paths))
     input_bytes = sum(i.size or 0 for i in inputs)
@@ -295,7 +306,9 @@ def stream_into(
         files = records[FILE]
         for index in np.unique(files).tolist():
             result = results[paths[index]]
-            take_records(batch, result, {key: value[files == index] for key, value in records.items()})
+            own = {key: value[files == index] for key, value in records.items()}
+            take_records(batch, result, own)
+            keep_digits(digits, result.path, own)
             if result.complete:
                 batch.flush(result.path)
                 progress.file_done(result)
@@ -332,6 +345,22 @@ def take_records(batch: StagedBatch, result: FileResult, records: dict[str, np.n
         result.rows_in = rows_in
         digest = json.loads(raw)
         result.read_sha256 = digest["sha256"] if digest["whole_file"] else None
+
+
+def keep_digits(digits: DigitSampler, path: str, records: dict[str, np.ndarray]) -> None:
+    """Offer the images whose pixels the actors forwarded (report candidates) to ``digits``."""
+    pixels = records[PIXELS]
+    offered = (records[KIND] == IMAGE_ROW) & (np.frompyfunc(len, 1, 1)(pixels).astype(np.int64) > 0)
+    if not offered.any():
+        return
+    labels = records[LABEL][offered]
+    probs = records[PROBS][offered]
+    digits.add(
+        groups=records[FILE][offered].astype(np.int64), sources=np.full(int(offered.sum()), path, object),
+        rows=records[ROW][offered], labelled=labels != ABSENT, labels=labels,
+        predicted=probs.argmax(axis=1), confidence=probs.max(axis=1),
+        images=np.frombuffer(b"".join(pixels[offered].tolist()), np.uint8),
+    )
 
 
 def check_counts(results: Iterable[FileResult]) -> None:
@@ -388,7 +417,7 @@ def labelled_metrics(results: list[FileResult]) -> dict | None:
 
 def build_summary(
     batch: StagedBatch,
-    run_dir: Path,
+    model: ScoringModel,
     inputs: list[InputFile],
     published: list[InputFile],
     changed: list[InputFile],
@@ -408,7 +437,8 @@ def build_summary(
         "batch_id": batch.batch_id,
         "date": batch.date,
         "model_id": batch.model_id,
-        "model_run": str(run_dir),
+        "model_run": str(model.run_dir),
+        "model_train_class_counts": model.train_class_counts,
         "scored_at": batch.scored_at.isoformat(),
         "inputs": files,
         "total": total,
@@ -473,9 +503,10 @@ def manifest_entries(
 
 
 def show_batch(batch_dir: Path) -> int:
-    """Print a published batch's summary (as its job would have); returns its exit code."""
+    """Print a published batch's summary and write its report, as its job would; returns its exit code."""
     batch = scoring_output.read_batch(batch_dir)
     print_summary(batch["summary"], batch["metrics"], batch_dir)
+    write_report(batch_dir)
     return batch["summary"]["exit_code"]
 
 

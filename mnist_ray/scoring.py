@@ -3,7 +3,8 @@
 One read task per input file streams it chunk by chunk (:class:`~mnist_ray.csv_format.CsvChunks`),
 so memory does not grow with the file. An actor pool of :class:`Predictor`\\ s, each
 loading the model once, scores the images. The driver receives one stream of
-small records, without pixels, from which it writes Parquet and counts.
+small records, without pixels (but for the few dozen per block the batch report
+may show), from which it writes Parquet and counts.
 
 Every record has a ``kind``:
 
@@ -33,7 +34,7 @@ import numpy as np
 import ray
 
 # mnist_ray first: it selects tf-keras before TensorFlow loads, in every worker that unpickles this module.
-from mnist_ray import artifacts
+from mnist_ray import artifacts, digit_samples
 from mnist_ray.csv_format import CsvChunks, RowProblem
 from mnist_ray.schema import IMAGE_SHAPE, NUM_CLASSES, DataValidationError
 
@@ -42,6 +43,7 @@ KIND, FILE, ROW, IMAGE, LABEL, IMAGE_ID, REASON, RAW = (
     "kind", "file", "row", "image", "label", "image_id", "reason", "raw"
 )
 PROBS = "probs"
+PIXELS = "pixels"
 IMAGE_ROW, REJECTED_ROW, REJECTED_FILE, END_OF_FILE = 0, 1, 2, 3
 # label / image_id of a record whose file has no such column (ids are checked to be >= 0).
 ABSENT = -1
@@ -95,8 +97,9 @@ def scored_stream(
     ``kind`` int8, ``file`` int32 (index into ``paths``), ``row`` int64,
     ``label`` and ``image_id`` int64 (``ABSENT`` when the file has none),
     ``reason`` and ``raw`` str, ``probs`` float32 (n, 10) (zeros for records
-    that are not images). ``input_bytes`` (the inputs' stored size, if known) sizes
-    the actor pool that starts right away.
+    that are not images), ``pixels`` bytes (an image's 784 uint8 pixels where it is a
+    candidate for the report's digit grids, else empty). ``input_bytes`` (the inputs'
+    stored size, if known) sizes the actor pool that starts right away.
     """
     options = options.resolved(ray.cluster_resources())
     # Through the object store, held here for the whole run: actors fetch it once each.
@@ -237,7 +240,8 @@ class Predictor:
         )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Add ``probs`` float32 (n, 10) (zeros for records that are not images); drop the pixels."""
+        """Add ``probs`` float32 (n, 10) (zeros for records that are not images); drop the pixels
+        but those of the report's digit candidates (``pixels``: 784 bytes, else empty)."""
         is_image = batch[KIND] == IMAGE_ROW
         probs = np.zeros((len(is_image), NUM_CLASSES), np.float32)
         if is_image.any():
@@ -245,7 +249,29 @@ class Predictor:
             probs[is_image] = self.forward(batch[IMAGE][is_image]).numpy()
         out = {key: value for key, value in batch.items() if key != IMAGE}
         out[PROBS] = probs
+        out[PIXELS] = report_candidate_pixels(batch, probs, is_image)
         return out
+
+
+def report_candidate_pixels(
+    batch: dict[str, np.ndarray], probs: np.ndarray, is_image: np.ndarray
+) -> np.ndarray:
+    """Pixels (bytes) of the images that may be shown in the batch report; empty bytes for the rest.
+
+    Kept here rather than re-read from the inputs later: a night's files are often
+    moved away after scoring, and a report must re-render from the output alone.
+    Per block, at most 3 × PER_SET images (see :mod:`mnist_ray.digit_samples`).
+    """
+    pixels = np.full(len(is_image), b"", dtype=object)
+    labels = batch[LABEL]
+    keys = digit_samples.set_keys(
+        batch[FILE].astype(np.int64), batch[ROW], labels != ABSENT, probs.argmax(axis=1), labels,
+        probs.max(axis=1),
+    )
+    keep = digit_samples.candidates({name: np.where(is_image, key, np.inf) for name, key in keys.items()})
+    for i in np.flatnonzero(keep).tolist():
+        pixels[i] = batch[IMAGE][i].tobytes()
+    return pixels
 
 
 def load_model_file(model_file: bytes):

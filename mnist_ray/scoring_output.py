@@ -6,7 +6,10 @@ OUTPUT/
   rejects/date=YYYY-MM-DD/part-<batch_id>-<n>.parquet       one row per rejected row or file
   batches/<batch_id>/summary.json                          counts per input and in total
                     /metrics.json                          when labels exist (as training's)
+                    /digits.parquet                        pixels of the few digits the report shows
+                                                           (mnist_ray.digit_samples)
                     /_SUCCESS                              the batch is complete
+                    /report.html, report.md, report/*.png  the batch report, rendered after publication
   _manifest.jsonl     one line per input scored: path, size, sha256, model id, batch, date, counts, files
   _staging/<batch_id>/  a batch being written, in the same layout; nothing there is visible output
   _lock               held by the running job: one job per output directory at a time
@@ -50,7 +53,7 @@ MANIFEST = "_manifest.jsonl"
 SUCCESS = "_SUCCESS"
 JOURNAL = "_PUBLISH.json"
 LOCK = "_lock"
-SUMMARY_FILE, METRICS_FILE = "summary.json", "metrics.json"
+SUMMARY_FILE, METRICS_FILE, DIGITS_FILE = "summary.json", "metrics.json", "digits.parquet"
 # Rows buffered per input before a part is written: ~10 MB of predictions.
 ROWS_PER_PART = 100_000
 # Across all inputs: beyond this, every buffer is written out (many files read at once).
@@ -205,11 +208,20 @@ class StagedBatch:
 
     def write_json(self, name: str, payload: object) -> str:
         """Stage ``batches/<batch_id>/<name>``; returns its path relative to the output directory."""
+        return self._write_batch_file(name, (json.dumps(payload, indent=2) + "\n").encode())
+
+    def write_parquet(self, name: str, table: pa.Table) -> str:
+        """Stage ``batches/<batch_id>/<name>`` as Parquet; returns its path relative to the output dir."""
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        return self._write_batch_file(name, sink.getvalue().to_pybytes())
+
+    def _write_batch_file(self, name: str, data: bytes) -> str:
         relative = f"{BATCHES}/{self.batch_id}/{name}"
         path = self.root / relative
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w") as f:
-            f.write(json.dumps(payload, indent=2) + "\n")
+        with open(path, "wb") as f:
+            f.write(data)
             _sync(f)
         return relative
 
@@ -368,7 +380,8 @@ def read_parts(output_dir: Path, relative_paths: list[str], schema: pa.Schema) -
 def read_batch(batch_dir: Path) -> dict:
     """A published batch, for its report: what reports render pictures and tables from.
 
-    ``summary`` and ``metrics`` (None without labels) are dicts; ``predictions`` and
+    ``summary`` and ``metrics`` (None without labels) are dicts; ``digits`` the path of the
+    digit samples (None for batches scored before they existed); ``predictions`` and
     ``rejects`` are lazy ``pyarrow.dataset.Dataset``\\ s over the batch's parts that
     are still published (``--force`` may have replaced some since).
     """
@@ -383,6 +396,7 @@ def read_batch(batch_dir: Path) -> dict:
     return {
         "summary": summary,
         "metrics": json.loads(metrics_path.read_text()) if metrics_path.is_file() else None,
+        "digits": batch_dir / DIGITS_FILE if (batch_dir / DIGITS_FILE).is_file() else None,
         "predictions": live(PREDICTIONS, PREDICTION_SCHEMA),
         "rejects": live(REJECTS, REJECT_SCHEMA),
     }

@@ -19,9 +19,11 @@ import ray
 from mnist_ray import artifacts
 from mnist_ray.cli import EXIT_OK, SMOKE_TEST_LIMIT, train_parser
 from mnist_ray.config import TrainConfig
-from mnist_ray.data import DataSplits, dataset_to_arrays, load_splits
+from mnist_ray.data import DataSplits, dataset_columns, load_splits
 from mnist_ray.evaluation import classification_metrics, metrics_table
 from mnist_ray.ray_setup import connect_ray
+from mnist_ray.reports import write_report
+from mnist_ray.schema import IMAGE, LABEL, ROW, SOURCE
 from mnist_ray.training import MODEL_FILE, STATE_FILE, fit_distributed
 
 # Flags that are not part of TrainConfig but are saved with the run so --resume can replay them.
@@ -119,15 +121,20 @@ def run_training(run_dir: Path, settings: dict) -> dict:
     artifacts.write_json(run_dir / artifacts.METADATA_FILE, metadata)
     artifacts.update_latest(run_dir)
     print_summary(run_dir, metrics, best_metrics, len(history), metadata["wall_seconds"])
+    write_report(run_dir)
     return metrics
 
 
 def evaluate_on_test(run_dir: Path, splits: DataSplits) -> dict:
-    """Metrics of the saved model (reloaded from disk, as a user would) on the test set."""
-    images, labels = dataset_to_arrays(splits.test)
+    """Metrics of the saved model (reloaded from disk, as a user would) on the test set.
+
+    Also saves the test predictions and a few digits for the run's report.
+    """
+    test = dataset_columns(splits.test, [IMAGE, LABEL, SOURCE, ROW])
     model = artifacts.load_model(run_dir)
-    proba = model.predict(images, batch_size=1024, verbose=0)
-    return classification_metrics(labels, np.argmax(proba, axis=1))
+    proba = model.predict(test[IMAGE], batch_size=1024, verbose=0)
+    artifacts.write_test_predictions(run_dir, test[SOURCE], test[ROW], test[LABEL], proba, test[IMAGE])
+    return classification_metrics(test[LABEL], np.argmax(proba, axis=1))
 
 
 def print_summary(run_dir: Path, metrics: dict, best: dict, epochs_run: int, seconds: float) -> None:

@@ -1,6 +1,8 @@
-"""Shared fixtures: the bundled MNIST arrays and one local Ray instance per test session."""
+"""Shared fixtures: the bundled MNIST arrays, one local Ray instance per test session, a tiny real model."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,3 +44,40 @@ def ray_session():
     finally:
         if started:
             ray.shutdown()
+
+
+# Enough for ~94 % accuracy: a weaker model predicts a class mix that the batch reports
+# rightly flag as a shift even for an unskewed batch.
+TINY_TRAIN_IMAGES, TINY_EPOCHS = 3000, 2
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, mnist_arrays) -> Path:
+    """A run directory with a real model (an MLP fitted 2 epochs on 3,000 images), without Ray Train.
+
+    Its metadata records the class counts of those images, as a real run's does.
+    Treat it as read-only: copy it to change it.
+    """
+    import tf_keras as keras
+
+    from mnist_ray import artifacts
+    from mnist_ray.evaluation import classification_metrics
+    from mnist_ray.model import build_model, compile_model
+
+    keras.utils.set_random_seed(0)
+    model = compile_model(build_model("mlp", dropout=0.1), learning_rate=1e-3)
+    x, y = mnist_arrays["x_train"][:TINY_TRAIN_IMAGES], mnist_arrays["y_train"][:TINY_TRAIN_IMAGES]
+    model.fit(x, y, epochs=TINY_EPOCHS, batch_size=64, verbose=0)
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    run_dir.mkdir()
+    model.save(run_dir / artifacts.MODEL_FILE)
+    config = {"train": {"model": "mlp", "epochs": TINY_EPOCHS}, "data": ["bundled"],
+              "limit": TINY_TRAIN_IMAGES}
+    artifacts.write_json(run_dir / artifacts.CONFIG_FILE, config)
+    data = {"data": ["bundled"], "rows": {"train": TINY_TRAIN_IMAGES, "val": 0, "test": 200},
+            "train_class_counts": np.bincount(y, minlength=10).tolist()}
+    x, y = mnist_arrays["x_test"][:200], mnist_arrays["y_test"][:200]
+    metrics = classification_metrics(y, model.predict(x, verbose=0).argmax(axis=1))
+    metadata = artifacts.build_metadata(config=config, data=data, metrics=metrics, best_epoch={"epoch": 1})
+    artifacts.write_json(run_dir / artifacts.METADATA_FILE, metadata)
+    return run_dir

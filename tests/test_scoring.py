@@ -77,30 +77,6 @@ EXPECTED_REJECTS = {
 # --- fixtures ------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, mnist_arrays) -> Path:
-    """A run directory with a real model (an MLP fitted 1 epoch on 1,000 images), without Ray Train."""
-    import tf_keras as keras
-
-    from mnist_ray.model import build_model, compile_model
-
-    keras.utils.set_random_seed(0)
-    model = compile_model(build_model("mlp", dropout=0.1), learning_rate=1e-3)
-    x, y = mnist_arrays["x_train"][:1000], mnist_arrays["y_train"][:1000]
-    model.fit(x, y, epochs=1, batch_size=64, verbose=0)
-    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
-    run_dir.mkdir()
-    model.save(run_dir / artifacts.MODEL_FILE)
-    config = {"train": {"model": "mlp", "epochs": 1}, "data": ["bundled"], "limit": 1000}
-    artifacts.write_json(run_dir / artifacts.CONFIG_FILE, config)
-    x, y = mnist_arrays["x_test"][:200], mnist_arrays["y_test"][:200]
-    metrics = classification_metrics(y, model.predict(x, verbose=0).argmax(axis=1))
-    metadata = artifacts.build_metadata(config=config, data={"rows": {"train": 1000}}, metrics=metrics,
-                                        best_epoch={"epoch": 1})
-    artifacts.write_json(run_dir / artifacts.METADATA_FILE, metadata)
-    return run_dir
-
-
 def images_of(mnist_arrays, name: str) -> tuple[np.ndarray, np.ndarray]:
     first, count, _ = GOOD_FILES.get(name, (115, 14, True))
     return mnist_arrays["x_test"][first : first + count], mnist_arrays["y_test"][first : first + count]

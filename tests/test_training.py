@@ -34,7 +34,9 @@ def trained_run(ray_session, tmp_path_factory) -> Path:
 
 
 def test_run_directory_has_every_artifact(trained_run: Path):
-    expected = ("config.json", "model.keras", "metadata.json", "history.json", "history.csv", "metrics.json")
+    expected = ("config.json", "model.keras", "metadata.json", "history.json", "history.csv", "metrics.json",
+                "test_predictions.parquet", "test_digits.parquet", "report.html", "report.md",
+                "report/curves.png", "report/digits_mistakes.png")
     for name in expected:
         assert (trained_run / name).is_file(), name
     assert (trained_run.parent / "latest").resolve() == trained_run.resolve()
