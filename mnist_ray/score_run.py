@@ -10,7 +10,6 @@ Exit codes are documented in :mod:`mnist_ray.cli`.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import datetime
 import json
 import os
@@ -95,23 +94,13 @@ class FileResult:
 
 @dataclass(frozen=True)
 class ScoringModel:
-    """The model a batch scores with: where it came from, its bytes (sent to the actors), its id.
-
-    ``loads`` is the check that the file loads (in safe mode) and fits the input contract:
-    importing TensorFlow and loading take seconds, so it runs in a thread while Ray starts;
-    :meth:`checked` waits for it and raises its ``RunDirError``.
-    """
+    """The model a batch scores with: where it came from, its bytes (sent to the actors), its id."""
 
     run_dir: Path
     model_file: bytes
     model_id: str
-    loads: concurrent.futures.Future
     # The training data's class counts (metadata.json): the batch report's reference distribution.
     train_class_counts: list[int] | None = None
-
-    def checked(self) -> ScoringModel:
-        self.loads.result()
-        return self
 
 
 @dataclass
@@ -145,7 +134,6 @@ def main(args: argparse.Namespace) -> int:
             code = score_batch(
                 paths, model, output_dir, date, options, force=args.force, address=args.address
             )
-            model.checked()  # when nothing needed scoring, the model has not been checked yet
             # The batch an interrupted job could not report on is reported now.
             if code == EXIT_OK and EXIT_REJECTS in recovered:
                 code = EXIT_REJECTS
@@ -157,16 +145,13 @@ def main(args: argparse.Namespace) -> int:
 
 
 def load_scoring_model(run_dir: Path) -> ScoringModel:
-    """The model of a run fit to score, its load check started; raises ``RunDirError`` if it is not."""
+    """The model of a run fit to score; raises ``RunDirError`` if it is not (before anything is written)."""
     metadata = artifacts.check_scoring_run(run_dir)
     path = run_dir / artifacts.MODEL_FILE
     model_file = path.read_bytes()
-    # A daemon-like single thread: the job never waits for it except through `checked()`.
-    loads = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model-check").submit(
-        check_model_file, path, model_file
-    )
+    check_model_file(path, model_file)
     counts = metadata.get("data", {}).get("train_class_counts")
-    return ScoringModel(run_dir, model_file, artifacts.content_id(model_file), loads, counts)
+    return ScoringModel(run_dir, model_file, artifacts.content_id(model_file), counts)
 
 
 def check_model_file(path: Path, model_file: bytes) -> None:
@@ -236,7 +221,6 @@ def stage(
     digits = DigitSampler()
     if readable:
         connect_ray(address)
-        model.checked()
         options = options.resolved(ray.cluster_resources())
         print(
             f"inference: up to {options.concurrency} actor(s) × {options.cpus_per_actor} CPU"
