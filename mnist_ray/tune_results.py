@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from mnist_ray import artifacts
+from mnist_ray.cli import JobFailed
 from mnist_ray.config import TrainConfig
 
 SETTINGS_FILE = "search.json"
@@ -110,7 +111,7 @@ def best_config(frame: pd.DataFrame, base: TrainConfig) -> dict:
     """The best trial: its values, the epoch of its best validation accuracy and its full TrainConfig."""
     ranked = frame.dropna(subset=["best_val_accuracy"])
     if ranked.empty:
-        raise RuntimeError("no trial reported a validation accuracy: see the trials' errors above")
+        raise JobFailed("no trial reported a validation accuracy: see the trials' errors above")
     best = ranked.iloc[0]
     config = TrainConfig.from_dict(
         vars(base) | {"dropout": float(best["dropout"]), "learning_rate": float(best["learning_rate"])}
