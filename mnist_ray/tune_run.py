@@ -34,7 +34,10 @@ def main(args: argparse.Namespace) -> int:
         args.num_samples, args.epochs = SMOKE_TEST_TRIALS, SMOKE_TEST_EPOCHS
     out_dir, settings = read_settings(args.resume) if args.resume else (None, new_settings(args))
     space = search_space(settings)
-    tuning.check_search_algorithm(settings["search"])
+    try:
+        tuning.check_search_algorithm(settings["search"])
+    except (ValueError, ModuleNotFoundError) as exc:
+        tune_parser().error(str(exc))
     connect_ray(args.address)
     if out_dir is None:
         out_dir = create_output_dir(args.output_dir)
