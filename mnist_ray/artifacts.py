@@ -89,8 +89,13 @@ def update_latest(run_dir: Path) -> None:
 
 def write_json(path: Path, payload: object) -> None:
     """Write JSON via a temporary file and rename, so readers never see half a file."""
+    write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a text file via a temporary file and rename, so readers never see half a file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 

@@ -9,13 +9,14 @@ import sys
 from collections.abc import Callable
 
 from mnist_ray.artifacts import DEFAULT_RUNS_DIR, LATEST, RunDirError
-from mnist_ray.config import MODEL_KINDS, PLACEMENT_STRATEGIES, TrainConfig
+from mnist_ray.config import MODEL_KINDS, PLACEMENT_STRATEGIES, SEARCH_ALGORITHMS, SearchSpace, TrainConfig
 
 # Exit codes the jobs document and schedulers act on.
 EXIT_OK = 0
 EXIT_FAILED = 1  # the job ran and failed (Ray, training, infrastructure)
 EXIT_BAD_INPUT = 2  # bad flags or bad data: fix the input, do not retry as is
 EXIT_REJECTS = 3  # scoring completed, but some rows or whole files were rejected (see rejects/)
+EXIT_INTERRUPTED = 130  # Ctrl+C (SIGINT), as shells report it; a search can then be resumed
 
 SCORE_EXIT_CODES = """\
 exit codes:
@@ -100,15 +101,18 @@ def add_ray_flags(parser: argparse.ArgumentParser, *, gpu_help: str) -> argparse
     return group
 
 
-def add_worker_flags(group: argparse._ArgumentGroup) -> None:
+def add_worker_flags(
+    group: argparse._ArgumentGroup, *, workers_flag: str = "--num-workers", of: str = ""
+) -> None:
+    """Workers per training run (``workers_flag``, stored as ``num_workers``) and their CPUs."""
     group.add_argument(
-        "--num-workers", type=positive_int, default=_DEFAULTS.num_workers,
-        help=f"Ray Train workers (default: {_DEFAULTS.num_workers})",
+        workers_flag, dest="num_workers", type=positive_int, default=_DEFAULTS.num_workers, metavar="N",
+        help=f"Ray Train workers{of} (default: {_DEFAULTS.num_workers})",
     )
     group.add_argument(
         "--cpus-per-worker", type=positive_int, default=None,
         help="CPUs each worker reserves; TensorFlow uses that many threads "
-        "(default: the cluster's CPUs divided among the workers)",
+        "(default: the cluster's CPUs divided among the workers that run at once)",
     )
     group.add_argument(
         "--placement-strategy", choices=PLACEMENT_STRATEGIES, default=_DEFAULTS.placement_strategy,
@@ -122,7 +126,8 @@ def add_batch_size_flag(group: argparse._ArgumentGroup, *, default: int, meaning
                        help=f"{meaning} (default: {default})")
 
 
-def add_model_flags(parser: argparse.ArgumentParser) -> None:
+def add_model_flags(parser: argparse.ArgumentParser, *, searched: bool = False) -> argparse._ArgumentGroup:
+    """Model and optimiser flags; with ``searched``, not the two a search samples (learning rate, dropout)."""
     group = parser.add_argument_group("model and optimisation")
     group.add_argument("--model", choices=MODEL_KINDS, default=_DEFAULTS.model,
                        help="cnn (default) or the mlp baseline")
@@ -130,14 +135,16 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                        help=f"maximum epochs; early stopping may end sooner (default: {_DEFAULTS.epochs})")
     add_batch_size_flag(group, default=_DEFAULTS.batch_size,
                         meaning="per-worker batch; global = this × workers")
-    group.add_argument("--learning-rate", type=float, default=_DEFAULTS.learning_rate,
-                       help=f"Adam's initial learning rate (default: {_DEFAULTS.learning_rate})")
-    group.add_argument("--dropout", type=float, default=_DEFAULTS.dropout,
-                       help=f"dropout rate of every dropout layer (default: {_DEFAULTS.dropout})")
+    if not searched:
+        group.add_argument("--learning-rate", type=float, default=_DEFAULTS.learning_rate,
+                           help=f"Adam's initial learning rate (default: {_DEFAULTS.learning_rate})")
+        group.add_argument("--dropout", type=float, default=_DEFAULTS.dropout,
+                           help=f"dropout rate of every dropout layer (default: {_DEFAULTS.dropout})")
     group.add_argument("--augment", action=argparse.BooleanOptionalAction, default=_DEFAULTS.augment,
                        help="random small rotations, shifts and zoom while training (default: on)")
     group.add_argument("--mixed-precision", action="store_true",
                        help="float16 compute on GPUs (with --use-gpu)")
+    return group
 
 
 def add_run_flags(parser: argparse.ArgumentParser) -> None:
@@ -166,6 +173,64 @@ def train_parser() -> argparse.ArgumentParser:
     add_model_flags(parser)
     add_worker_flags(add_ray_flags(parser, gpu_help="one GPU per worker"))
     add_run_flags(parser)
+    return parser
+
+
+def add_search_flags(parser: argparse.ArgumentParser) -> None:
+    space = SearchSpace()
+    group = parser.add_argument_group("search")
+    group.add_argument("--dropout-range", nargs=2, type=float, default=list(space.dropout),
+                       metavar=("LOW", "HIGH"), help="dropout is sampled uniformly in [LOW, HIGH] "
+                       "(default: %(default)s)")
+    group.add_argument("--lr-range", nargs=2, type=float, default=list(space.learning_rate),
+                       metavar=("LOW", "HIGH"), help="the learning rate is sampled log-uniformly in "
+                       "[LOW, HIGH] (default: %(default)s)")
+    group.add_argument("--num-samples", type=positive_int, default=8, metavar="N",
+                       help="trials to run (default: 8)")
+    group.add_argument("--search", choices=SEARCH_ALGORITHMS, default="random",
+                       help="random search (default), or Optuna's TPE (needs the [tune] extra: "
+                       "pip install -e '.[tune]')")
+    group.add_argument("--max-concurrent-trials", type=positive_int, default=None, metavar="N",
+                       help="trials running at once (default: as many as the cluster has CPUs, or GPUs "
+                       "with --use-gpu, for all their workers)")
+    group.add_argument("--grace-period", type=positive_int, default=2, metavar="EPOCHS",
+                       help="ASHA: epochs every trial runs before it can be stopped (default: 2)")
+    group.add_argument("--reduction-factor", type=int, default=3, metavar="F",
+                       help="ASHA: at each rung only the top 1/F of trials continue (default: 3)")
+    group.add_argument("--retrain-best", action="store_true",
+                       help="after the search, train the best configuration on training + validation "
+                       "images for the epochs its trial needed, into OUTPUT_DIR/best_model (a run directory "
+                       "jobs/score.py accepts; test metrics are reported only there)")
+
+
+def tune_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jobs/tune.py",
+        description="Search dropout and learning rate with Ray Tune; every trial is a Ray Train run.",
+        epilog="Exit codes: 0 success; 1 the job failed; 2 bad flags or bad input data; "
+        "130 interrupted (Ctrl+C): continue with --resume OUTPUT_DIR.",
+    )
+    add_data_flags(parser)
+    add_model_flags(parser, searched=True)
+    add_search_flags(parser)
+    add_worker_flags(add_ray_flags(parser, gpu_help="one GPU per worker"),
+                     workers_flag="--workers-per-trial", of=" per trial")
+    group = parser.add_argument_group("run")
+    group.add_argument("--output-dir", default=None,
+                       help="the search's results: leaderboard, best configuration, plot "
+                       "(default: searches/<timestamp>)")
+    group.add_argument("--storage-path", default=None,
+                       help="where Tune and the trials' Ray Train runs keep state and checkpoints: a "
+                       "folder or a URI (s3://, gs://, a shared NFS path) every node reaches "
+                       "(default: OUTPUT_DIR/ray_tune)")
+    group.add_argument("--resume", default=None, metavar="OUTPUT_DIR",
+                       help="continue an interrupted search with the settings it was started with: "
+                       "finished trials are kept, unfinished ones continue from their last checkpoint")
+    group.add_argument("--max-failures", type=int, default=_DEFAULTS.max_failures,
+                       help="worker failures each trial recovers from by restarting from its latest "
+                       "checkpoint")
+    group.add_argument("--smoke-test", action="store_true",
+                       help=f"a quick check: {SMOKE_TEST_LIMIT} images, 2 trials of 2 epochs")
     return parser
 
 
@@ -243,13 +308,21 @@ def run_job(main: Callable[[argparse.Namespace], int], args: argparse.Namespace)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 def train_main(argv: list[str] | None = None) -> int:
     """Console entry point ``mnist-ray-train``: the same as ``python jobs/train.py``."""
     args = train_parser().parse_args(argv)  # before importing TensorFlow: --help stays instant
     from mnist_ray.train_run import main
+
+    return run_job(main, args)
+
+
+def tune_main(argv: list[str] | None = None) -> int:
+    """Console entry point ``mnist-ray-tune``: the same as ``python jobs/tune.py``."""
+    args = tune_parser().parse_args(argv)  # before importing TensorFlow: --help stays instant
+    from mnist_ray.tune_run import main
 
     return run_job(main, args)
 

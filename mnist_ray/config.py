@@ -38,3 +38,28 @@ class TrainConfig:
     @property
     def global_batch_size(self) -> int:
         return self.batch_size * self.num_workers
+
+
+SEARCH_ALGORITHMS = ("random", "optuna")
+TUNED_PARAMETERS = ("dropout", "learning_rate")
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """What a search samples: dropout uniformly, the learning rate log-uniformly, in these closed ranges."""
+
+    dropout: tuple[float, float] = (0.1, 0.6)
+    learning_rate: tuple[float, float] = (1e-4, 1e-2)
+
+    def __post_init__(self):
+        low, high = self.dropout
+        if not 0.0 <= low < high < 1.0:
+            raise ValueError(f"the dropout range must satisfy 0 <= LOW < HIGH < 1, got {low} {high}")
+        low, high = self.learning_rate
+        if not 0.0 < low < high:
+            raise ValueError(f"the learning-rate range must satisfy 0 < LOW < HIGH, got {low} {high}")
+
+    def contains(self, config: dict) -> bool:
+        return all(
+            getattr(self, name)[0] <= config[name] <= getattr(self, name)[1] for name in TUNED_PARAMETERS
+        )

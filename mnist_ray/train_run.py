@@ -65,13 +65,31 @@ def prepare_run(args: argparse.Namespace) -> tuple[Path, dict]:
         run_dir = artifacts.new_run_dir().resolve()
     cpus = args.cpus_per_worker or default_cpus_per_worker(args.num_workers)
     config = TrainConfig.from_dict(vars(args) | {"cpus_per_worker": cpus})
-    settings = {
+    data = {key: getattr(args, key) for key in DATA_KEYS}
+    return run_dir, run_settings(config, data, run_dir=run_dir, storage_path=args.storage_path)
+
+
+def run_settings(
+    config: TrainConfig,
+    data: dict,
+    *,
+    run_dir: Path,
+    storage_path: str | None = None,
+    fit_on_validation: bool = False,
+) -> dict:
+    """What a run's config.json holds: the training config, the data flags (``DATA_KEYS``), storage.
+
+    ``fit_on_validation`` (a final model trained for a fixed number of epochs, e.g. the
+    best configuration of a search) adds the validation images to the training data and
+    keeps the last epoch's model: validation accuracy can no longer choose an epoch.
+    """
+    return {
         "train": asdict(config),
-        **{key: getattr(args, key) for key in DATA_KEYS},
-        "storage_path": args.storage_path or str(run_dir / "ray_train"),
+        **{key: data[key] for key in DATA_KEYS},
+        "storage_path": storage_path or str(run_dir / "ray_train"),
         "run_name": run_dir.name,
+        "fit_on_validation": fit_on_validation,
     }
-    return run_dir, settings
 
 
 def default_cpus_per_worker(num_workers: int) -> int:
@@ -100,12 +118,19 @@ def run_training(run_dir: Path, settings: dict) -> dict:
         f"{' + 1 GPU' if config.use_gpu else ''}, global batch {config.global_batch_size}",
         flush=True,
     )
+    fit_on_validation = settings.get("fit_on_validation", False)
+    train = splits.train.union(splits.val) if fit_on_validation else splits.train
+    if fit_on_validation:
+        print("validation images are part of the training data: the model is the last epoch's", flush=True)
     result = fit_distributed(
-        config, splits.train, splits.val, run_name=settings["run_name"], storage_path=settings["storage_path"]
+        config, train, splits.val, run_name=settings["run_name"], storage_path=settings["storage_path"]
     )
     if result.error:
         raise result.error
-    best_checkpoint, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["val_accuracy"])
+    if fit_on_validation:
+        best_checkpoint, best_metrics = result.checkpoint, result.metrics
+    else:
+        best_checkpoint, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["val_accuracy"])
     with best_checkpoint.as_directory() as ckpt_dir:
         shutil.copyfile(Path(ckpt_dir) / MODEL_FILE, run_dir / MODEL_FILE)
     with result.checkpoint.as_directory() as ckpt_dir:
@@ -120,7 +145,8 @@ def run_training(run_dir: Path, settings: dict) -> dict:
     metadata["wall_seconds"] = round(time.time() - started, 1)
     artifacts.write_json(run_dir / artifacts.METADATA_FILE, metadata)
     artifacts.update_latest(run_dir)
-    print_summary(run_dir, metrics, best_metrics, len(history), metadata["wall_seconds"])
+    selection = "being the last (validation trained on)" if fit_on_validation else "validation accuracy"
+    print_summary(run_dir, metrics, best_metrics, len(history), metadata["wall_seconds"], selection)
     write_report(run_dir)
     return metrics
 
@@ -137,9 +163,11 @@ def evaluate_on_test(run_dir: Path, splits: DataSplits) -> dict:
     return classification_metrics(test[LABEL], np.argmax(proba, axis=1))
 
 
-def print_summary(run_dir: Path, metrics: dict, best: dict, epochs_run: int, seconds: float) -> None:
+def print_summary(
+    run_dir: Path, metrics: dict, best: dict, epochs_run: int, seconds: float, selection: str
+) -> None:
     print(
-        f"\nselected epoch {best['epoch']} of {epochs_run} by validation accuracy "
+        f"\nselected epoch {best['epoch']} of {epochs_run} by {selection} "
         f"({best['val_accuracy']:.4f})\n"
         f"test accuracy {metrics['accuracy']:.4%} ({metrics['count'] - metrics['errors']:,}/"
         f"{metrics['count']:,})  macro F1 {metrics['macro_f1']:.4f}  wall time {seconds:.0f}s\n\n"

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict
 
 import numpy as np
@@ -25,7 +26,7 @@ import ray
 import ray.train
 import tensorflow as tf
 import tf_keras as keras
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.tensorflow import TensorflowTrainer
 
 from mnist_ray import LEGACY_KERAS_ENV
@@ -52,7 +53,23 @@ def fit_distributed(
     A run whose ``run_name`` already has checkpoints under ``storage_path`` resumes
     from the latest one (Ray Train restores the run's checkpoint manager).
     """
-    trainer = TensorflowTrainer(
+    return build_trainer(config, train, val, run_name=run_name, storage_path=storage_path).fit()
+
+
+def build_trainer(
+    config: TrainConfig,
+    train: ray.data.Dataset,
+    val: ray.data.Dataset,
+    *,
+    run_name: str,
+    storage_path: str,
+    callbacks: Sequence[UserCallback] = (),
+) -> TensorflowTrainer:
+    """The ``TensorflowTrainer`` of one training run, shared by training jobs and Tune trials.
+
+    ``callbacks`` are Ray Train callbacks, e.g. Tune's ``TuneReportCallback`` in a trial.
+    """
+    return TensorflowTrainer(
         train_loop_per_worker=train_loop_per_worker,
         train_loop_config=asdict(config),
         scaling_config=scaling_config(config),
@@ -66,10 +83,10 @@ def fit_distributed(
             ),
             failure_config=FailureConfig(max_failures=config.max_failures),
             worker_runtime_env={"env_vars": dict(LEGACY_KERAS_ENV)},
+            callbacks=list(callbacks),
         ),
         datasets={"train": train, "val": val},
     )
-    return trainer.fit()
 
 
 def scaling_config(config: TrainConfig) -> ScalingConfig:
