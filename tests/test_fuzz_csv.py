@@ -1,0 +1,200 @@
+"""Fuzzing the input edge: generated hostile CSV files through the code each Ray Data read task runs.
+
+Hypothesis writes files mixing valid rows with every kind of damage (truncated rows, extra
+values, empty fields, text, huge numbers, negatives, floats, quotes, unicode, BOMs, CRLF
+and lone CRs, blank lines, repeated headers) and checks, in-process and without Ray, that
+``scoring.file_records`` accounts for every data line exactly once: scored or rejected with a
+reason, never both, never neither, rows numbered exactly 1..N, and never an exception. Which
+lines are valid is decided by ``expected_row``, a reference validator that shares no code
+with the reader. One real scoring job then runs over a directory of such files on the
+session's Ray, to show the same holds end to end and that hostile file names stay inputs.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mnist_ray.csv_format import BINARY_SNIFF_BYTES, CsvChunks
+from mnist_ray.scoring import END_OF_FILE, IMAGE_ROW, REJECTED_FILE, REJECTED_ROW, file_records
+from tests.test_scoring import score, tiny_run  # noqa: F401  (tiny_run: a fixture used below)
+
+PIXELS = [f"pixel{k}" for k in range(784)]
+HEADERS = {
+    "pixels": PIXELS,
+    "label": ["label", *PIXELS],
+    "id_label": ["ImageId", "label", *PIXELS],
+    "shuffled": [*PIXELS[:300], "label", *PIXELS[300:600], "id", *PIXELS[600:]],
+}
+RANGES = {"label": (0, 9), "ImageId": (0, None), "id": (0, None)}  # pixels: 0..255
+# Values a column may hold instead of a good one: each breaks the contract or only looks like it might.
+HOSTILE_VALUES = [
+    "", "-1", "256", "300", "10", "7.0", "7.5", "1e3", "abc", "NaN", "inf", "null", "0x1f", " 12", "12 ",
+    "\t5", "+5", "-0", "007", "--5", "5-", "-", '"12"', '" 12"', '"1,2"', '""', '"', 'x"5"',
+    "1000000000000000000", "99999999999999999999", "9223372036854775808", "-9223372036854775809",
+    "\u22125", "\u0663", "\uff15", "\ufeff5", "é", "\U0001f642", "1\r2", "label", "pixel0",
+]
+# Deterministic and database-less: the same cases on every machine and in CI.
+FUZZ = settings(
+    max_examples=100, deadline=None, derandomize=True, database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+# --- the reference validator -------------------------------------------------------------------
+
+
+def expected_row(line: bytes, header: list[str]) -> list[int] | None:
+    """The values of a data line (without its ``\\n``) if the contract accepts it, else None.
+
+    The documented rules, written independently of mnist_ray.csv_format: one CRLF end allowed;
+    one value per header column; a value is ``-?`` and 1..18 digits, optionally in double
+    quotes; label 0..9, id >= 0, pixels 0..255.
+    """
+    line = line.removesuffix(b"\r")
+    if not line or b"\r" in line:
+        return None
+    fields = line.split(b",")
+    if len(fields) != len(header):
+        return None
+    values = []
+    for name, field in zip(header, fields, strict=True):
+        quoted = re.fullmatch(rb'"([^",]*)"', field)
+        text = quoted.group(1) if quoted else field
+        if not re.fullmatch(rb"-?[0-9]{1,18}", text):
+            return None
+        value = int(text)
+        low, high = RANGES.get(name, (0, 255))
+        if value < low or (high is not None and value > high):
+            return None
+        values.append(value)
+    return values
+
+
+def data_lines(content: bytes) -> list[bytes]:
+    """The physical lines after the header (a final ``\\n`` ends the last line, it starts none)."""
+    lines = content.split(b"\n")[1:]
+    return lines[:-1] if lines and lines[-1] == b"" else lines
+
+
+# --- generated files -----------------------------------------------------------------------------
+
+
+def good_values(header: list[str], seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    values = []
+    for name in header:
+        low, high = RANGES.get(name, (0, 255))
+        values.append(str(int(rng.integers(low, (high if high is not None else 10**6) + 1))))
+    return values
+
+
+@st.composite
+def hostile_line(draw, header: list[str]) -> str:
+    """One line (without its end): valid, damaged in one of many ways, or arbitrary text."""
+    values = good_values(header, draw(st.integers(0, 2**32 - 1)))
+    kind = draw(st.sampled_from(
+        ["valid", "valid", "valid", "bad values", "truncated", "cut mid-line", "extra values", "blank",
+         "spaces", "header again", "bom", "text", "quoted"]
+    ))
+    columns = st.integers(0, len(header) - 1)
+    if kind == "bad values":
+        for _ in range(draw(st.integers(1, 3))):
+            values[draw(columns)] = draw(st.sampled_from(HOSTILE_VALUES) | st.text(max_size=8))
+    elif kind == "truncated":
+        values = values[: draw(columns)]
+    elif kind == "extra values":
+        values += draw(st.lists(st.sampled_from(["0", "", "x", "255"]), min_size=1, max_size=3))
+    elif kind == "quoted":
+        for k in draw(st.lists(columns, max_size=5)):
+            values[k] = f'"{values[k]}"'
+    line = ",".join(values)
+    if kind == "cut mid-line":
+        return line[: draw(st.integers(0, len(line) - 1))]
+    return {
+        "blank": "", "spaces": draw(st.sampled_from([" ", "\t", " , "])), "header again": ",".join(header),
+        "bom": "\ufeff" + line, "text": draw(st.text(max_size=40)),
+    }.get(kind, line)
+
+
+@st.composite
+def hostile_file(draw) -> tuple[bytes, list[str]]:
+    """(file bytes, header): a valid header, then lines joined by LF, CRLF or a mixture."""
+    header = HEADERS[draw(st.sampled_from(sorted(HEADERS)))]
+    lines = draw(st.lists(hostile_line(header), max_size=12))
+    ends = draw(st.sampled_from(["\n", "\r\n", "mixed"]))
+    text = ",".join(header)
+    for line in lines:
+        text += (draw(st.sampled_from(["\n", "\r\n"])) if ends == "mixed" else ends) + line
+    if lines and draw(st.booleans()):
+        text += "\n"  # else the last line has no end
+    bom = "\ufeff" if draw(st.booleans()) else ""
+    return (bom + text).encode("utf-8", "surrogatepass"), header
+
+
+def concatenated(blocks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {key: np.concatenate([b[key] for b in blocks]) for key in blocks[0]}
+
+
+# --- properties (no Ray) ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("fuzz")
+
+
+@FUZZ
+@given(case=hostile_file())
+def test_every_data_line_is_scored_or_rejected_exactly_once(scratch, case):
+    content, header = case
+    path = scratch / "fuzz.csv"
+    path.write_bytes(content)
+    records = concatenated(list(file_records(str(path), 3)))  # raising here fails the test
+    kind, rows = records["kind"], records["row"]
+    assert (records["file"] == 3).all()
+    assert (kind == END_OF_FILE).sum() == 1 and kind[-1] == END_OF_FILE
+    lines = data_lines(content)
+    if b"\x00" in content[:BINARY_SNIFF_BYTES]:  # a NUL early on: the file is binary, refused whole
+        assert kind.tolist() == [REJECTED_FILE, END_OF_FILE] and "binary" in records["reason"][0]
+        return
+    if not lines:  # a header and nothing else: one file-level reject, no rows
+        assert kind.tolist() == [REJECTED_FILE, END_OF_FILE]
+        assert records["reason"][0] == "has a header but no data rows" and rows[-1] == 0
+        return
+    assert REJECTED_FILE not in kind, records["reason"][kind == REJECTED_FILE]
+    scored, rejected = rows[kind == IMAGE_ROW], rows[kind == REJECTED_ROW]
+    assert rows[-1] == len(lines)
+    # Exactly 1..N, each once: none twice (in either list or both), none missing.
+    assert sorted([*scored.tolist(), *rejected.tolist()]) == list(range(1, len(lines) + 1))
+    assert all(reason.strip() for reason in records["reason"][kind == REJECTED_ROW])
+    expected = {row: expected_row(line, header) for row, line in enumerate(lines, start=1)}
+    assert sorted(scored.tolist()) == [row for row, values in expected.items() if values is not None]
+    pixels = [header.index(name) for name in PIXELS]
+    for row, image in zip(scored.tolist(), records["image"][kind == IMAGE_ROW], strict=True):
+        assert image.reshape(-1).tolist() == [expected[row][k] for k in pixels], f"row {row}"
+
+
+@settings(FUZZ, max_examples=40)  # many tiny chunks: the slower property
+@given(case=hostile_file(), chunk_bytes=st.integers(1, 20_000))
+def test_the_outcome_of_a_row_does_not_depend_on_its_chunk(scratch, case, chunk_bytes):
+    """Read in chunks of any size, a row is accepted or refused for itself alone."""
+    content, header = case
+    lines = data_lines(content)
+    if not lines or b"\x00" in content[:BINARY_SNIFF_BYTES]:
+        return
+    path = scratch / "chunks.csv"
+    path.write_bytes(content)
+    reader = CsvChunks(str(path), require_label=False, read_id=True, chunk_bytes=chunk_bytes)
+    scored, rejected = [], []
+    for valid, rejects in reader:
+        scored += valid["row"].tolist()
+        rejected += [r.row for r in rejects]
+    assert reader.data_lines == len(lines)
+    assert sorted(scored + rejected) == list(range(1, len(lines) + 1))
+    expected = [row for row, line in enumerate(lines, start=1) if expected_row(line, header) is not None]
+    assert sorted(scored) == expected
