@@ -12,10 +12,13 @@ session's Ray, to show the same holds end to end and that hostile file names sta
 
 from __future__ import annotations
 
+import gzip
+import json
 import re
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -198,3 +201,74 @@ def test_the_outcome_of_a_row_does_not_depend_on_its_chunk(scratch, case, chunk_
     assert sorted(scored + rejected) == list(range(1, len(lines) + 1))
     expected = [row for row, line in enumerate(lines, start=1) if expected_row(line, header) is not None]
     assert sorted(scored) == expected
+
+
+# --- one real scoring job over hostile files with hostile names (the session's Ray) ---------------
+
+# File names a nightly drop could hold: none may steer where output is written.
+HOSTILE_NAMES = [
+    "..csv", "a..b.csv", "-rf.csv", "..%2F..%2Fescape.csv", "\\..\\..\\windows.csv", " spaced .csv",
+    "日本語 ünïcödé.csv", "x" * 240 + ".csv",
+]
+
+
+def catalogue_lines(header: list[str]) -> list[str]:
+    """Every kind of line the fuzzer draws from, once each, deterministically, between good rows."""
+    good = [",".join(good_values(header, seed)) for seed in range(3)]
+    lines = [good[0]]
+    for k, value in enumerate(HOSTILE_VALUES):
+        values = good_values(header, 100 + k)
+        values[k % len(header)] = value
+        lines.append(",".join(values))
+    lines += [
+        "", " ", ",".join(header), "\ufeff" + good[1], good[1][:50], good[1] + ",0",
+        ",".join(f'"{v}"' for v in good[2].split(",")), good[2],
+    ]
+    return lines
+
+
+def test_a_scoring_job_over_hostile_files_accounts_for_every_row(ray_session, tiny_run, tmp_path):  # noqa: F811
+    inputs, output = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    expected: dict[str, tuple[list[bytes], list[str]]] = {}  # path → (data lines, header)
+    for k, name in enumerate([*HOSTILE_NAMES, "compressed.csv.gz"]):
+        header = HEADERS[sorted(HEADERS)[k % len(HEADERS)]]
+        end = "\r\n" if k % 2 else "\n"
+        text = ("\ufeff" if k % 3 == 0 else "") + end.join([",".join(header), *catalogue_lines(header)])
+        content = text.encode()
+        if name.endswith(".gz"):  # a file read through gunzip too
+            (inputs / name).write_bytes(gzip.compress(content))
+        else:
+            (inputs / name).write_bytes(content)
+        expected[str(inputs / name)] = (data_lines(content), header)
+    header_only = inputs / "header only.csv"
+    header_only.write_text(",".join(PIXELS) + "\n")
+    before = sorted(p.name for p in tmp_path.iterdir())
+
+    code, stdout = score("--model", str(tiny_run), "--input", str(inputs), "--output", str(output),
+                         "--date", "2026-11-22", "--batch-size", "64")
+
+    assert code == 3, stdout  # rows were rejected: the documented exit code, not a crash
+    # Output names never come from input names: nothing beside the output, nothing named after an input.
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, output.name])
+    for written in output.rglob("*"):
+        assert written.resolve().is_relative_to(output.resolve()), written
+        assert not set(written.relative_to(output).parts) & {*HOSTILE_NAMES, header_only.name}, written
+    summary = json.loads(next((output / "batches").glob("*/summary.json")).read_text())
+    files = {f["path"]: f for f in summary["inputs"]}
+    assert set(files) == {*expected, str(header_only)}
+    assert (files[str(header_only)]["rows_in"], files[str(header_only)]["file_error"]) == (
+        0, "has a header but no data rows"
+    )
+    scored, rejected = pd.read_parquet(output / "predictions"), pd.read_parquet(output / "rejects")
+    for path, (lines, header) in expected.items():
+        valid = [row for row, line in enumerate(lines, 1) if expected_row(line, header) is not None]
+        scored_rows = sorted(scored.loc[scored["source"] == path, "row"].tolist())
+        rejected_rows = sorted(rejected.loc[rejected["source"] == path, "row"].tolist())
+        assert scored_rows == valid, path
+        assert sorted(scored_rows + rejected_rows) == list(range(1, len(lines) + 1)), path
+        counts = (files[path]["rows_in"], files[path]["scored"], files[path]["rejected"])
+        assert counts == (len(lines), len(valid), len(lines) - len(valid)), path
+    assert rejected["reason"].str.strip().str.len().gt(0).all()
+    total, lines_in = summary["total"], sum(len(lines) for lines, _ in expected.values())
+    assert total["rows_in"] == total["scored"] + total["rejected"] == lines_in
