@@ -272,3 +272,31 @@ def test_a_scoring_job_over_hostile_files_accounts_for_every_row(ray_session, ti
     assert rejected["reason"].str.strip().str.len().gt(0).all()
     total, lines_in = summary["total"], sum(len(lines) for lines, _ in expected.values())
     assert total["rows_in"] == total["scored"] + total["rejected"] == lines_in
+
+
+# --- the cases the fuzzer found, kept as plain examples ----------------------------------------------
+
+GOOD = ",".join(["0"] * 784)
+
+
+@pytest.mark.parametrize("last_line", ["1\r2", "\ufeff" + GOOD])
+@pytest.mark.parametrize("chunk_bytes", [1, 1 << 20])
+def test_an_unparseable_last_line_without_an_end_is_rejected_not_a_crash(scratch, last_line, chunk_bytes):
+    path = scratch / "last.csv"
+    path.write_bytes(f"{','.join(PIXELS)}\n{GOOD}\n{last_line}".encode())  # was a RuntimeError
+    reader = CsvChunks(str(path), require_label=False, read_id=True, chunk_bytes=chunk_bytes)
+    outcome = [(valid["row"].tolist(), [r.row for r in rejects]) for valid, rejects in reader]
+    assert sorted(row for valid, _ in outcome for row in valid) == [1]
+    assert sorted(row for _, rejected in outcome for row in rejected) == [2]
+
+
+@pytest.mark.parametrize("value", [" 12", "12 ", "\t5", "0x10", "1000000000000000000"])
+def test_values_pyarrow_alone_would_take_are_refused_in_any_company(scratch, value):
+    header = HEADERS["id_label"]
+    column = 0 if value.startswith("1000") else 5  # an id has no upper bound: only its digits count
+    values = good_values(header, 0)
+    values[column] = value
+    path = scratch / "alone.csv"
+    path.write_text(",".join(header) + "\n" + ",".join(values) + "\n")  # alone in its chunk
+    records = concatenated(list(file_records(str(path), 0)))
+    assert records["kind"].tolist() == [REJECTED_ROW, END_OF_FILE], value
