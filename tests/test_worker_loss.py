@@ -72,9 +72,12 @@ def test_a_killed_worker_is_replaced_and_training_resumes_from_the_checkpoint(ra
     assert pids[-1] not in train_worker_pids()  # the dead worker is gone, not somehow still counted
     history = json.loads((run_dir / artifacts.HISTORY_JSON).read_text())
     assert [h["epoch"] for h in history] == list(range(1, EPOCHS + 1))
-    # Resumed, not restarted: the epochs up to the checkpoint are the very records saved before
+    # Resumed, not restarted: the epochs before the checkpoint are the very records saved before
     # the kill (a restart from zero would have retrained them, with other losses and timings).
-    assert history[: before_kill["epoch"]] == before_kill["history"]
+    # Not the checkpoint's own epoch: its files are on disk a moment before Ray Train registers
+    # it, and a kill in that moment resumes from the one before (seen: "resuming from ... epoch 1").
+    kept = before_kill["epoch"] - 1
+    assert kept >= 1 and history[:kept] == before_kill["history"][:kept]
     model = artifacts.load_model(run_dir)
     probs = model.predict(np.zeros((2, 28, 28), np.uint8), verbose=0)
     assert probs.shape == (2, 10) and np.allclose(probs.sum(axis=1), 1, atol=1e-4)
