@@ -1,0 +1,85 @@
+"""Training survives the loss of a worker: SIGKILL one Ray Train worker mid-run, the run resumes
+from its latest checkpoint (not from epoch 0) and finishes with a valid model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mnist_ray import artifacts
+from mnist_ray.cli import train_main
+
+pytestmark = pytest.mark.slow
+EPOCHS = 5
+KILL_AFTER_EPOCH = 2
+# Two failures allowed: the one injected here, and the spurious loss at shutdown that
+# tests/test_training.py describes on an overloaded 2-core machine.
+ARGS = ["--limit", "2000", "--model", "mlp", "--batch-size", "32", "--num-workers", "2",
+        "--cpus-per-worker", "1", "--epochs", str(EPOCHS), "--max-failures", "2"]
+TIMEOUT_S = 600  # a hang, not a slow machine: no timing is asserted
+
+
+def latest_checkpoint_state(run_dir: Path) -> dict | None:
+    """The state.json (epoch, history) of the newest checkpoint Ray Train has persisted, if any."""
+    states = []
+    for path in run_dir.rglob("state.json"):
+        try:
+            states.append(json.loads(path.read_text()))
+        except (OSError, ValueError):  # being written or rotated away
+            continue
+    return max(states, key=lambda s: s["epoch"], default=None)
+
+
+def train_worker_pids() -> list[int]:
+    """PIDs of the live Ray Train workers of this test's Ray (the session's, no other)."""
+    from ray._private import state
+
+    actors = state.actors(actor_state_name="ALIVE").values()
+    return [a["Pid"] for a in actors if a["ActorClassName"] == "RayTrainWorker" and a["Pid"]]
+
+
+def test_a_killed_worker_is_replaced_and_training_resumes_from_the_checkpoint(ray_session, tmp_path):
+    run_dir = tmp_path / "run"
+    outcome: dict = {}
+    job = threading.Thread(target=lambda: outcome.setdefault("code", train_main([*ARGS, "--output-dir",
+                                                                                 str(run_dir)])))
+    job.start()
+    deadline = time.monotonic() + TIMEOUT_S
+    before_kill = None
+    while job.is_alive() and time.monotonic() < deadline:
+        state = latest_checkpoint_state(run_dir)
+        if state and state["epoch"] >= KILL_AFTER_EPOCH:
+            before_kill = state
+            break
+        time.sleep(0.2)
+    assert before_kill is not None, f"no checkpoint of epoch {KILL_AFTER_EPOCH} appeared ({outcome})"
+    assert before_kill["epoch"] < EPOCHS, "the run finished before a worker could be killed"
+    pids = train_worker_pids()
+    assert len(pids) == 2, pids
+    os.kill(pids[-1], signal.SIGKILL)
+    print(f"killed Ray Train worker pid {pids[-1]} after the checkpoint of epoch {before_kill['epoch']}")
+
+    job.join(max(1, deadline - time.monotonic()))
+    assert not job.is_alive(), "training did not finish after the worker was killed"
+    assert outcome.get("code") == 0
+    assert pids[-1] not in train_worker_pids()  # the dead worker is gone, not somehow still counted
+    history = json.loads((run_dir / artifacts.HISTORY_JSON).read_text())
+    assert [h["epoch"] for h in history] == list(range(1, EPOCHS + 1))
+    # Resumed, not restarted: the epochs before the checkpoint are the very records saved before
+    # the kill (a restart from zero would have retrained them, with other losses and timings).
+    # Not the checkpoint's own epoch: its files are on disk a moment before Ray Train registers
+    # it, and a kill in that moment resumes from the one before (seen: "resuming from ... epoch 1").
+    kept = before_kill["epoch"] - 1
+    assert kept >= 1 and history[:kept] == before_kill["history"][:kept]
+    model = artifacts.load_model(run_dir)
+    probs = model.predict(np.zeros((2, 28, 28), np.uint8), verbose=0)
+    assert probs.shape == (2, 10) and np.allclose(probs.sum(axis=1), 1, atol=1e-4)
+    metrics = json.loads((run_dir / artifacts.METRICS_FILE).read_text())
+    assert metrics["accuracy"] > 0.5
