@@ -64,9 +64,15 @@ def search(tmp_path_factory) -> dict:
     first = tune_job(*SEARCH, "--output-dir", str(out))
     lines, finished = read_until(first, " finished after ")
     assert finished is not None, "".join(lines)[-5000:]
-    first.send_signal(signal.SIGINT)  # Ctrl+C while the second trial runs
+    # Ctrl+C once two trials finished, while the third (ASHA's) starts. Interrupting earlier
+    # leaves two trials to the resumed run, and there the trial after the resumed one has been
+    # seen to wait for its Train workers for 60 s (alone) or for good (in the full suite, on
+    # 2 cores): a known problem, see issue 5's closing note.
+    more, second_finished = read_until(first, " finished after ")
+    assert second_finished is not None, "".join(lines + more)[-5000:]
+    first.send_signal(signal.SIGINT)
     rest, _ = read_until(first, None)
-    first_output = "".join(lines + rest)
+    first_output = "".join(lines + more + rest)
     first_rc = first.wait(timeout=120)
     results_after_interrupt = (out / tune_results.LEADERBOARD_CSV).exists()
 
