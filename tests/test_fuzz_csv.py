@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from mnist_ray.csv_format import BINARY_SNIFF_BYTES, CsvChunks
 from mnist_ray.scoring import END_OF_FILE, IMAGE_ROW, REJECTED_FILE, REJECTED_ROW, file_records
-from tests.test_scoring import score, tiny_run  # noqa: F401  (tiny_run: a fixture used below)
+from tests.test_scoring import score
 
 PIXELS = [f"pixel{k}" for k in range(784)]
 HEADERS = {
@@ -227,7 +227,7 @@ def catalogue_lines(header: list[str]) -> list[str]:
     return lines
 
 
-def test_a_scoring_job_over_hostile_files_accounts_for_every_row(ray_session, tiny_run, tmp_path):  # noqa: F811
+def test_a_scoring_job_over_hostile_files_accounts_for_every_row(ray_session, tiny_run, tmp_path):
     inputs, output = tmp_path / "in", tmp_path / "out"
     inputs.mkdir()
     expected: dict[str, tuple[list[bytes], list[str]]] = {}  # path → (data lines, header)

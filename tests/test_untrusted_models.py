@@ -12,10 +12,9 @@ import pytest
 from mnist_ray import artifacts
 from mnist_ray.cli import score_main
 from tests.helpers import write_kaggle_csv
-from tests.test_scoring import tiny_run  # noqa: F401  (a fixture)
 
 
-def code_carrying_run(tiny_run: Path, run_dir: Path, marker: Path) -> Path:  # noqa: F811
+def code_carrying_run(tiny_run: Path, run_dir: Path, marker: Path) -> Path:
     """A copy of ``tiny_run`` whose model has a Lambda layer that creates ``marker`` when it runs."""
     import tf_keras as keras
 
@@ -31,7 +30,7 @@ def code_carrying_run(tiny_run: Path, run_dir: Path, marker: Path) -> Path:  # n
 
 
 def test_a_model_that_carries_code_is_refused_without_running_it(
-    ray_session, tiny_run, tmp_path, capsys, mnist_arrays  # noqa: F811
+    ray_session, tiny_run, tmp_path, capsys, mnist_arrays
 ):
     import tf_keras as keras
 
@@ -54,7 +53,7 @@ def test_a_model_that_carries_code_is_refused_without_running_it(
 
 
 @pytest.mark.parametrize("edit", ["missing", "other shape", "not a dict"])
-def test_a_run_without_this_input_contract_is_refused(tiny_run, tmp_path, edit):  # noqa: F811
+def test_a_run_without_this_input_contract_is_refused(tiny_run, tmp_path, edit):
     run_dir = tmp_path / "run"
     shutil.copytree(tiny_run, run_dir)
     metadata = json.loads((run_dir / artifacts.METADATA_FILE).read_text())
