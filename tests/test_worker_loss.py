@@ -76,10 +76,18 @@ def test_a_killed_worker_is_replaced_and_training_resumes_from_the_checkpoint(ra
     # the kill (a restart from zero would have retrained them, with other losses and timings).
     # Not the checkpoint's own epoch: its files are on disk a moment before Ray Train registers
     # it, and a kill in that moment resumes from the one before (seen: "resuming from ... epoch 1").
+    # Timings are left out: the restored record and the one read before the kill may come from
+    # different workers' copies of the state.
     kept = before_kill["epoch"] - 1
-    assert kept >= 1 and history[:kept] == before_kill["history"][:kept]
+    assert kept >= 1 and [_learning(h) for h in history[:kept]] == [
+        _learning(h) for h in before_kill["history"][:kept]]
     model = artifacts.load_model(run_dir)
     probs = model.predict(np.zeros((2, 28, 28), np.uint8), verbose=0)
     assert probs.shape == (2, 10) and np.allclose(probs.sum(axis=1), 1, atol=1e-4)
     metrics = json.loads((run_dir / artifacts.METRICS_FILE).read_text())
     assert metrics["accuracy"] > 0.5
+
+
+def _learning(record: dict) -> dict:
+    """An epoch's record without its timings (images_per_s, epoch_seconds)."""
+    return {k: v for k, v in record.items() if k not in ("images_per_s", "epoch_seconds")}
