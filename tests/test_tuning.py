@@ -69,13 +69,12 @@ def search(tmp_path_factory) -> dict:
     first = tune_job(*SEARCH, "--output-dir", str(out))
     lines, finished = read_until(first, " finished after ")
     assert finished is not None, "".join(lines)[-5000:]
-    # Ctrl+C once two trials finished, while the third (ASHA's) starts: the resumed run has
-    # one trial left (see the note on SEARCH about trials waiting for their predecessor's CPUs).
-    more, second_finished = read_until(first, " finished after ")
-    assert second_finished is not None, "".join(lines + more)[-5000:]
+    # Ctrl+C while the second trial runs. The resumed run has two trials left: ASHA's rungs are
+    # not restored with the experiment, so the absurd third trial needs the second's results
+    # beside it in the same run to be stopped.
     first.send_signal(signal.SIGINT)
     rest, _ = read_until(first, None)
-    first_output = "".join(lines + more + rest)
+    first_output = "".join(lines + rest)
     first_rc = first.wait(timeout=120)
     results_after_interrupt = (out / tune_results.LEADERBOARD_CSV).exists()
 
