@@ -69,9 +69,9 @@ def search(tmp_path_factory) -> dict:
     first = tune_job(*SEARCH, "--output-dir", str(out))
     lines, finished = read_until(first, " finished after ")
     assert finished is not None, "".join(lines)[-5000:]
-    # Ctrl+C while the second trial runs. The resumed run has two trials left: ASHA's rungs are
-    # not restored with the experiment, so the absurd third trial needs the second's results
-    # beside it in the same run to be stopped.
+    # Ctrl+C while the second trial runs. The resumed run has two trials left: ASHA's rungs seem
+    # not to be restored with the experiment (seen: the absurd trial, alone after a resume, ran on),
+    # so it needs the second trial's results beside it in the same run to be stopped.
     first.send_signal(signal.SIGINT)
     rest, _ = read_until(first, None)
     first_output = "".join(lines + rest)
