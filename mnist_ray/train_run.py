@@ -97,18 +97,23 @@ def default_cpus_per_worker(num_workers: int) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)) // num_workers)
 
 
-def run_training(run_dir: Path, settings: dict) -> dict:
-    """Train as ``settings`` say, evaluate on the test set, and fill ``run_dir``. Returns test metrics."""
-    started = time.time()
-    config = TrainConfig.from_dict(settings["train"])
-    splits = load_splits(
+def load_run_splits(settings: dict) -> DataSplits:
+    """The data splits a run's (or a search's) saved ``settings`` describe."""
+    return load_splits(
         settings["data"],
         val_fraction=settings["val_fraction"],
         test_fraction=settings["test_fraction"],
         limit=settings["limit"],
-        seed=config.seed,
+        seed=TrainConfig.from_dict(settings["train"]).seed,
         test_data=settings.get("test_data"),
     )
+
+
+def run_training(run_dir: Path, settings: dict) -> dict:
+    """Train as ``settings`` say, evaluate on the test set, and fill ``run_dir``. Returns test metrics."""
+    started = time.time()
+    config = TrainConfig.from_dict(settings["train"])
+    splits = load_run_splits(settings)
     # Written once the data is known to be good: from here on the run can be resumed.
     artifacts.write_json(run_dir / artifacts.CONFIG_FILE, settings)
     rows = splits.description["rows"]

@@ -19,9 +19,14 @@ import pandas as pd
 from mnist_ray import artifacts, tune_results, tuning
 from mnist_ray.cli import EXIT_INTERRUPTED, EXIT_OK, SMOKE_TEST_LIMIT, tune_parser
 from mnist_ray.config import SearchSpace, TrainConfig
-from mnist_ray.data import load_splits
 from mnist_ray.ray_setup import connect_ray
-from mnist_ray.train_run import DATA_KEYS, default_cpus_per_worker, run_settings, run_training
+from mnist_ray.train_run import (
+    DATA_KEYS,
+    default_cpus_per_worker,
+    load_run_splits,
+    run_settings,
+    run_training,
+)
 
 SMOKE_TEST_TRIALS = 2
 SMOKE_TEST_EPOCHS = 2
@@ -134,14 +139,7 @@ def run_search(
     Returns None, and writes no results, if the search was interrupted (Ctrl+C) before every trial ended.
     """
     base = TrainConfig.from_dict(settings["train"])
-    splits = load_splits(
-        settings["data"],
-        val_fraction=settings["val_fraction"],
-        test_fraction=settings["test_fraction"],
-        limit=settings["limit"],
-        seed=base.seed,
-        test_data=settings.get("test_data"),
-    )
+    splits = load_run_splits(settings)
     # Written once the data is known to be good: from here on the search can be resumed.
     artifacts.write_json(out_dir / tune_results.SETTINGS_FILE, settings)
     rows = splits.description["rows"]

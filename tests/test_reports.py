@@ -4,8 +4,6 @@ batches on the session's Ray, the run directory's test predictions written by tr
 from __future__ import annotations
 
 import base64
-import contextlib
-import io
 import shutil
 import struct
 import subprocess
@@ -18,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mnist_ray import artifacts
-from mnist_ray.cli import report_main, score_main
+from mnist_ray.cli import report_main
 from mnist_ray.data import DataSplits, arrays_to_dataset
 from mnist_ray.digit_samples import (
     CONFIDENT_MISTAKES,
@@ -33,6 +31,7 @@ from mnist_ray.digit_samples import (
 from mnist_ray.reports import render_report
 from mnist_ray.reports.monitoring import class_shift, reason_kind
 from tests.helpers import set_csv_cell, write_kaggle_csv
+from tests.test_scoring import score
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -153,13 +152,6 @@ def test_test_predictions_are_the_models_and_the_digits_their_images(run_dir, mn
 
 
 # --- scoring batches ------------------------------------------------------------------------------------
-
-
-def score(*args: str) -> tuple[int, str]:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = score_main(list(args))
-    return code, out.getvalue()
 
 
 @pytest.fixture(scope="module")
