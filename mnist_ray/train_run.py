@@ -109,11 +109,15 @@ def load_run_splits(settings: dict) -> DataSplits:
     )
 
 
-def run_training(run_dir: Path, settings: dict) -> dict:
-    """Train as ``settings`` say, evaluate on the test set, and fill ``run_dir``. Returns test metrics."""
+def run_training(run_dir: Path, settings: dict, splits: DataSplits | None = None) -> dict:
+    """Train as ``settings`` say, evaluate on the test set, and fill ``run_dir``. Returns test metrics.
+
+    ``splits`` are the data ``settings`` describe, if the caller has loaded them already.
+    """
     started = time.time()
     config = TrainConfig.from_dict(settings["train"])
-    splits = load_run_splits(settings)
+    if splits is None:
+        splits = load_run_splits(settings)
     # Written once the data is known to be good: from here on the run can be resumed.
     artifacts.write_json(run_dir / artifacts.CONFIG_FILE, settings)
     rows = splits.description["rows"]

@@ -19,6 +19,7 @@ import pandas as pd
 from mnist_ray import artifacts, tune_results, tuning
 from mnist_ray.cli import EXIT_INTERRUPTED, EXIT_OK, SMOKE_TEST_LIMIT, tune_parser
 from mnist_ray.config import SearchSpace, TrainConfig
+from mnist_ray.data import DataSplits
 from mnist_ray.ray_setup import connect_ray
 from mnist_ray.train_run import (
     DATA_KEYS,
@@ -48,7 +49,14 @@ def main(args: argparse.Namespace) -> int:
         out_dir = create_output_dir(args.output_dir)
         settings = resolve_resources(settings, out_dir, args)
     started = time.time()
-    outcome = run_search(out_dir, settings, space, resume=args.resume is not None)
+    # Loaded once, for the search and the retraining alike. Loading again after the search
+    # would wait on Ray Data: Ray Train runs inside Tune trials leave their CPU reservations
+    # with Ray's AutoscalingCoordinator (seen on Ray 2.60: for up to 180 s after each
+    # trial), and Ray Data gives a new execution only the CPUs nobody has reserved.
+    splits = load_run_splits(settings)
+    # Written once the data is known to be good: from here on the search can be resumed.
+    artifacts.write_json(out_dir / tune_results.SETTINGS_FILE, settings)
+    outcome = run_search(out_dir, settings, space, splits, resume=args.resume is not None)
     if outcome is None:
         print(f"search interrupted; continue it with: jobs/tune.py --resume {out_dir}", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -60,7 +68,7 @@ def main(args: argparse.Namespace) -> int:
         flush=True,
     )
     if args.retrain_best:
-        retrain_best(out_dir, settings, best)
+        retrain_best(out_dir, settings, best, splits)
     return EXIT_OK
 
 
@@ -132,16 +140,13 @@ def resolve_resources(settings: dict, out_dir: Path, args: argparse.Namespace) -
 
 
 def run_search(
-    out_dir: Path, settings: dict, space: SearchSpace, *, resume: bool
+    out_dir: Path, settings: dict, space: SearchSpace, splits: DataSplits, *, resume: bool
 ) -> tuple[pd.DataFrame, dict] | None:
-    """Run (or resume) the search and write its results: the leaderboard and the best config.
+    """Run (or resume) the search on ``splits`` and write its results: the leaderboard and the best config.
 
     Returns None, and writes no results, if the search was interrupted (Ctrl+C) before every trial ended.
     """
     base = TrainConfig.from_dict(settings["train"])
-    splits = load_run_splits(settings)
-    # Written once the data is known to be good: from here on the search can be resumed.
-    artifacts.write_json(out_dir / tune_results.SETTINGS_FILE, settings)
     rows = splits.description["rows"]
     print(
         f"data: {rows['train']:,} train / {rows['val']:,} validation images ({', '.join(settings['data'])}); "
@@ -187,7 +192,7 @@ def run_search(
     return frame, best
 
 
-def retrain_best(out_dir: Path, settings: dict, best: dict) -> dict:
+def retrain_best(out_dir: Path, settings: dict, best: dict, splits: DataSplits) -> dict:
     """Train the best configuration on training + validation images into ``out_dir/best_model``.
 
     It trains for the epochs the best trial needed to reach its best validation
@@ -199,7 +204,7 @@ def retrain_best(out_dir: Path, settings: dict, best: dict) -> dict:
         print(f"the best configuration was already retrained: {run_dir}", flush=True)
         return artifacts.read_json(run_dir / artifacts.METRICS_FILE)
     if (run_dir / artifacts.CONFIG_FILE).is_file():
-        return run_training(run_dir, artifacts.read_json(run_dir / artifacts.CONFIG_FILE))
+        return run_training(run_dir, artifacts.read_json(run_dir / artifacts.CONFIG_FILE), splits)
     run_dir.mkdir(parents=True, exist_ok=True)
     trial = TrainConfig.from_dict(best["train"])
     epochs = best["best_epoch"]
@@ -220,4 +225,4 @@ def retrain_best(out_dir: Path, settings: dict, best: dict) -> dict:
     ) | {"search": {"output_dir": str(out_dir), "trial": best["trial"], "val_accuracy": best["val_accuracy"]}}
     print(f"\nretraining the best configuration ({tuning.describe(best)}) for {epochs} epochs on "
           f"training + validation images → {run_dir}", flush=True)
-    return run_training(run_dir, settings)
+    return run_training(run_dir, settings, splits)
