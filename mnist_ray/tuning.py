@@ -107,10 +107,18 @@ def make_searcher(name: str, seed: int, max_concurrent: int):
 
 
 def make_scheduler(*, max_epochs: int, grace_period: int, reduction_factor: int) -> ASHAScheduler:
-    """ASHA on validation accuracy: a trial below its rung's top 1/reduction_factor stops."""
+    """ASHA on validation accuracy: a trial below its rung's top 1/reduction_factor stops.
+
+    ASHA's ``max_t`` is one epoch past the last: at ``max_t`` ASHA stops a trial, and Tune
+    then ends the trial's actor at once, killing its Ray Train controller mid-shutdown. The
+    Train run's placement group then lingers until Ray Train's cleaner notices, and its CPU
+    reservation with Ray's AutoscalingCoordinator for 180 s, starving the Ray Data work
+    that follows (seen on Ray 2.60). Past the last epoch, a trial that ran every epoch
+    returns by itself and its Train run shuts down cleanly.
+    """
     return ASHAScheduler(
         time_attr=TIME_ATTR,
-        max_t=max_epochs,
+        max_t=max_epochs + 1,
         grace_period=min(grace_period, max_epochs),
         reduction_factor=reduction_factor,
     )
@@ -221,9 +229,8 @@ def experiment_path(storage_path: str) -> str:
 
 def search_finished(grid: tune.ResultGrid, num_samples: int) -> bool:
     """Whether every trial ended (Tune returns normally, with trials unfinished, after Ctrl+C)."""
-    # Tune marks a trial's last result done when it ends, however it ended; a trial that
-    # failed has an error instead, one that never started has no result.
-    return len(grid) == num_samples and all(r.error is not None or r.metrics.get("done") for r in grid)
+    # Terminated: ran every epoch or was stopped early; errored: failed for good.
+    return len(grid) == num_samples and grid.num_terminated + grid.num_errors == num_samples
 
 
 def restore_tuner(storage_path: str, trainable_fn) -> tune.Tuner:
