@@ -54,7 +54,16 @@ class LocalRayCluster:
         # The job driver runs `python` from the PATH of the node that starts it.
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"})
+        # Ray's processes find their own cluster through the state API with no address given
+        # (Ray Train's PlacementGroupCleaner does), which fails while another Ray runs on this
+        # machine (the test session's): name this cluster to every process it starts.
+        env["RAY_ADDRESS"] = self.gcs_address
         self.env = env
+
+    @property
+    def gcs_address(self) -> str:
+        """The address a driver (``ray.init``, a job's ``--address``) connects to."""
+        return f"127.0.0.1:{self.gcs_port}"
 
     @property
     def dashboard_url(self) -> str:
