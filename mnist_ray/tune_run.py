@@ -49,10 +49,7 @@ def main(args: argparse.Namespace) -> int:
         out_dir = create_output_dir(args.output_dir)
         settings = resolve_resources(settings, out_dir, args)
     started = time.time()
-    # Loaded once, for the search and the retraining alike. Loading again after the search
-    # would wait on Ray Data: Ray Train runs inside Tune trials leave their CPU reservations
-    # with Ray's AutoscalingCoordinator (seen on Ray 2.60: for up to 180 s after each
-    # trial), and Ray Data gives a new execution only the CPUs nobody has reserved.
+    # Loaded once, for the search and the retraining alike: nothing is read or split twice.
     splits = load_run_splits(settings)
     # Written once the data is known to be good: from here on the search can be resumed.
     artifacts.write_json(out_dir / tune_results.SETTINGS_FILE, settings)

@@ -111,10 +111,10 @@ def make_scheduler(*, max_epochs: int, grace_period: int, reduction_factor: int)
 
     ASHA's ``max_t`` is one epoch past the last: at ``max_t`` ASHA stops a trial, and Tune
     then ends the trial's actor at once, killing its Ray Train controller mid-shutdown. The
-    Train run's placement group then lingers until Ray Train's cleaner notices, and its CPU
-    reservation with Ray's AutoscalingCoordinator for 180 s, starving the Ray Data work
-    that follows (seen on Ray 2.60). Past the last epoch, a trial that ran every epoch
-    returns by itself and its Train run shuts down cleanly.
+    Train run's placement group then lingers until Ray Train's cleaner removes it, and its
+    CPU reservation with Ray's AutoscalingCoordinator (which Ray Data consults) for 180 s
+    (seen on Ray 2.60). Past the last epoch, a trial that ran every epoch returns by
+    itself and its Train run shuts down cleanly.
     """
     return ASHAScheduler(
         time_attr=TIME_ATTR,
