@@ -81,3 +81,25 @@ def tiny_run(tmp_path_factory, mnist_arrays) -> Path:
     metadata = artifacts.build_metadata(config=config, data=data, metrics=metrics, best_epoch={"epoch": 1})
     artifacts.write_json(run_dir / artifacts.METADATA_FILE, metadata)
     return run_dir
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A Ray head (2 CPUs, with its dashboard and token auth) for jobs run as separate processes.
+
+    One per test module, so that no module inherits another's leftovers. Jobs connect
+    to it through ``ray_head.env`` (RAY_ADDRESS and the token), as they would to a
+    cluster. Not a Ray each job starts by itself: that one would run beside the test
+    session's, and Ray Train's PlacementGroupCleaner, which finds its cluster by
+    auto-detection, then fails, so the placement group of a Train run whose controller
+    was killed (a trial stopped by ASHA, a killed driver) is never removed and the next
+    Train run waits for good for its CPUs (seen in CI).
+    """
+    from tests.ray_cluster import LocalRayCluster
+
+    cluster = LocalRayCluster(num_cpus=2)
+    try:
+        cluster.start_head()
+        yield cluster
+    finally:
+        cluster.stop()

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mnist_ray import artifacts
 from mnist_ray.cli import train_main
 from tests.helpers import set_csv_cell, write_kaggle_csv
 
@@ -90,21 +89,6 @@ def test_saved_model_loads_in_a_fresh_process_without_this_package(trained_run: 
     shape, low, high = out.rsplit("(", 1)[1].split(")")[0], *map(float, out.split(")")[1].split())
     assert shape == "64, 10"
     assert abs(low - 1) < 1e-4 and abs(high - 1) < 1e-4
-
-
-def test_resume_continues_from_the_checkpoint(ray_session, tmp_path: Path):
-    """A finished 1-epoch run, resumed with 2 epochs, keeps epoch 1 and trains only epoch 2."""
-    run_dir = tmp_path / "resumable"
-    assert train_main([*TINY, "--epochs", "1", "--output-dir", str(run_dir)]) == 0
-    first = json.loads((run_dir / "history.json").read_text())
-    settings = json.loads((run_dir / "config.json").read_text())
-    settings["train"]["epochs"] = 2
-    artifacts.write_json(run_dir / "config.json", settings)
-
-    assert train_main(["--resume", str(run_dir)]) == 0
-    history = json.loads((run_dir / "history.json").read_text())
-    assert [h["epoch"] for h in history] == [1, 2]
-    assert history[0] == first[0]  # epoch 1 was restored, not retrained
 
 
 def test_trains_from_kaggle_csv_files(ray_session, tmp_path: Path, mnist_arrays):

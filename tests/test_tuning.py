@@ -42,23 +42,6 @@ ABSURD_LEARNING_RATE = 10.0
 JOB_TIMEOUT_S = 600
 
 
-@pytest.fixture(scope="module")
-def ray_head():
-    """A Ray head of its own (2 CPUs, with its dashboard) that both tune jobs connect to.
-
-    Not a Ray each job starts: that one would run beside the test session's, and
-    Ray Train's PlacementGroupCleaner, which finds its cluster by auto-detection, then
-    fails, so the placement group of a trial that ASHA stopped is never removed and
-    the next Train run waits for good for its CPUs (seen in CI).
-    """
-    cluster = LocalRayCluster(num_cpus=2)
-    try:
-        cluster.start_head()
-        yield cluster
-    finally:
-        cluster.stop()
-
-
 def tune_job(head: LocalRayCluster, *args: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-u", str(REPO / "jobs" / "tune.py"), *args],
