@@ -9,7 +9,14 @@ import sys
 from collections.abc import Callable
 
 from mnist_ray.artifacts import DEFAULT_RUNS_DIR, LATEST, RunDirError
-from mnist_ray.config import MODEL_KINDS, PLACEMENT_STRATEGIES, SEARCH_ALGORITHMS, SearchSpace, TrainConfig
+from mnist_ray.config import (
+    DATA_PATHS,
+    MODEL_KINDS,
+    PLACEMENT_STRATEGIES,
+    SEARCH_ALGORITHMS,
+    SearchSpace,
+    TrainConfig,
+)
 
 # Exit codes the jobs document and schedulers act on.
 EXIT_OK = 0
@@ -144,7 +151,29 @@ def add_model_flags(parser: argparse.ArgumentParser, *, searched: bool = False) 
                        help="random small rotations, shifts and zoom while training (default: on)")
     group.add_argument("--mixed-precision", action="store_true",
                        help="float16 compute on GPUs (with --use-gpu)")
+    group.add_argument("--xla", action="store_true",
+                       help="compile the training step with XLA (jit_compile): for GPUs, where it "
+                       "fuses kernels; on CPUs it mostly adds compile time. Needs --no-augment, "
+                       "and on CPUs a single worker")
+    group.add_argument("--data-path", choices=DATA_PATHS, default=_DEFAULTS.data_path,
+                       help="how each worker feeds its shard to TensorFlow: memory (materialised once "
+                       "as uint8 arrays, fastest), stream (from Ray Data every epoch, for shards too big "
+                       "for memory), auto (memory when the shard takes at most a quarter of the memory "
+                       "available to each worker on its node; default)")
     return group
+
+
+def model_flag_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with a combination of model flags (``add_model_flags``), if anything."""
+    if args.mixed_precision and not args.use_gpu:
+        return "--mixed-precision needs --use-gpu (float16 is slower on CPUs)"
+    if args.xla and args.augment:
+        # Seen with TensorFlow 2.21: "No registered 'ImageProjectiveTransformV3' OpKernel for XLA_CPU_JIT".
+        return "--xla needs --no-augment (XLA cannot compile the augmentation's image transforms)"
+    if args.xla and not args.use_gpu and args.num_workers > 1:
+        # Seen: "Collectives are not yet implemented for CPU devices when compiling with XLA".
+        return "--xla on CPUs needs a single worker (XLA has no all-reduce for CPUs; GPUs have NCCL)"
+    return None
 
 
 def add_run_flags(parser: argparse.ArgumentParser) -> None:

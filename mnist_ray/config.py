@@ -8,6 +8,9 @@ MODEL_KINDS = ("cnn", "mlp")
 # Ray placement-group strategies for the training workers: PACK fills a node before the
 # next (fast collectives), SPREAD prefers different nodes, STRICT_SPREAD requires them.
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD")
+# How a worker feeds its shard to TensorFlow: from memory (materialised once as uint8 arrays),
+# streamed from Ray Data every epoch, or whichever fits (see mnist_ray.training.feeds_from_memory).
+DATA_PATHS = ("auto", "memory", "stream")
 
 
 @dataclass
@@ -25,6 +28,8 @@ class TrainConfig:
     cpus_per_worker: int = 1
     placement_strategy: str = "PACK"
     mixed_precision: bool = False
+    xla: bool = False
+    data_path: str = "auto"
     seed: int = 0
     early_stopping_patience: int = 5
     reduce_lr_patience: int = 2

@@ -17,7 +17,7 @@ import numpy as np
 import ray
 
 from mnist_ray import artifacts
-from mnist_ray.cli import EXIT_OK, SMOKE_TEST_LIMIT, train_parser
+from mnist_ray.cli import EXIT_OK, SMOKE_TEST_LIMIT, model_flag_problem, train_parser
 from mnist_ray.config import TrainConfig
 from mnist_ray.data import DataSplits, dataset_columns, load_splits
 from mnist_ray.evaluation import classification_metrics, metrics_table
@@ -35,8 +35,8 @@ def main(args: argparse.Namespace) -> int:
     if args.smoke_test:
         args.limit = min(args.limit or SMOKE_TEST_LIMIT, SMOKE_TEST_LIMIT)
         args.epochs = 1
-    if args.mixed_precision and not args.use_gpu:
-        train_parser().error("--mixed-precision needs --use-gpu (float16 is slower on CPUs)")
+    if problem := model_flag_problem(args):
+        train_parser().error(problem)
     connect_ray(args.address)
     run_dir, settings = prepare_run(args)
     try:

@@ -1,9 +1,10 @@
 """Distributed training: the per-worker loop and the ``TensorflowTrainer`` that runs it.
 
-Each Ray Train worker receives its shard of the ``train`` and ``val`` datasets,
-materialises it once as uint8 arrays (MNIST shards are tens of MB) and feeds
-``tf.data`` from memory: measured here, this is 2–4× faster than streaming
-``to_tf()`` batches every epoch. The model trains under
+Each Ray Train worker receives its shard of the ``train`` and ``val`` datasets.
+When the shard fits (MNIST shards are tens of MB) it is materialised once as uint8
+arrays and fed to ``tf.data`` from memory: measured here, 2–4× faster than
+streaming ``to_tf()`` batches every epoch. A shard too big for that is streamed
+from Ray Data every epoch instead (``--data-path``). The model trains under
 ``MultiWorkerMirroredStrategy``; every epoch all workers save a checkpoint
 (collective reads require all of them) and rank 0 hands it to Ray Train.
 """
@@ -18,7 +19,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 
 import numpy as np
@@ -38,6 +39,12 @@ MODEL_FILE = "model.keras"
 STATE_FILE = "state.json"
 # Checkpoints kept per run: the best few by validation accuracy (Ray also keeps the latest).
 CHECKPOINTS_TO_KEEP = 3
+# --data-path auto keeps a shard in memory when it takes at most this share of the memory
+# available to each worker on its node (the rest is TensorFlow's, the object store's, the OS's).
+MEMORY_SHARE_FOR_SHARD = 0.25
+BYTES_PER_IMAGE = 28 * 28 + 8  # uint8 pixels and an int64 label
+# Rows each streaming worker shuffles among (Ray Data's local shuffle buffer).
+STREAM_SHUFFLE_ROWS = 10_000
 
 
 def fit_distributed(
@@ -71,7 +78,9 @@ def build_trainer(
     """
     return TensorflowTrainer(
         train_loop_per_worker=train_loop_per_worker,
-        train_loop_config=asdict(config),
+        # The row counts let each worker size its shard and its steps without reading it
+        # (the datasets are materialised: counting them reads no data).
+        train_loop_config=asdict(config) | {"train_rows": train.count(), "val_rows": val.count()},
         scaling_config=scaling_config(config),
         run_config=RunConfig(
             name=run_name,
@@ -113,31 +122,31 @@ def train_loop_per_worker(config_dict: dict) -> None:
     )
     _configure_tensorflow(config)
     keras.utils.set_random_seed(config.seed + rank)
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    # A lone worker has nobody to all-reduce with: the default strategy spares it
+    # MultiWorkerMirroredStrategy's collective ops on every step.
+    strategy = tf.distribute.MultiWorkerMirroredStrategy() if context.get_world_size() > 1 \
+        else tf.distribute.get_strategy()
 
-    x_train, y_train = shard_to_arrays(ray.train.get_dataset_shard("train"))
-    x_val, y_val = shard_to_arrays(ray.train.get_dataset_shard("val"))
-    # Ray gives every worker an equal-sized shard, so all workers agree on the
-    # step counts; MultiWorkerMirroredStrategy hangs if they do not.
-    steps_per_epoch = max(1, len(x_train) // config.batch_size)
-    validation_steps = max(1, math.ceil(len(x_val) / config.batch_size))
-
-    def train_input(_ctx) -> tf.data.Dataset:
-        return (
-            tf.data.Dataset.from_tensor_slices((x_train, y_train))
-            .shuffle(len(x_train), seed=config.seed + rank, reshuffle_each_iteration=True)
-            .repeat()
-            .batch(config.batch_size, drop_remainder=True)
-            .prefetch(tf.data.AUTOTUNE)
+    # Ray gives every worker an equal share (streaming_split(equal=True): the floor of
+    # rows ÷ workers), so all workers agree on the step counts; MultiWorkerMirroredStrategy
+    # hangs if they do not.
+    world = context.get_world_size()
+    train_rows, val_rows = config_dict["train_rows"] // world, config_dict["val_rows"] // world
+    if train_rows < 1 or val_rows < 1:
+        raise RuntimeError(
+            f"each of the {world} workers would get {train_rows} training and {val_rows} validation "
+            "images: use fewer workers or more images"
         )
-
-    def val_input(_ctx) -> tf.data.Dataset:
-        return (
-            tf.data.Dataset.from_tensor_slices((x_val, y_val))
-            .batch(config.batch_size)
-            .prefetch(tf.data.AUTOTUNE)
-        )
-
+    # A shard smaller than a batch still trains: one (partial) batch per epoch.
+    steps_per_epoch = max(1, train_rows // config.batch_size)
+    validation_steps = math.ceil(val_rows / config.batch_size)
+    from_memory = feeds_from_memory(config.data_path, train_rows + val_rows, context.get_local_world_size())
+    if rank == 0:
+        sys.stdout.write(f"data path: {'memory' if from_memory else 'stream'} ({train_rows:,} training "
+                         f"and {val_rows:,} validation images per worker)\n")
+    train_input, val_input = (
+        memory_inputs(config, rank) if from_memory else stream_inputs(config, rank, train_rows)
+    )
     # Per-replica batches from each worker's own shard: Ray already sharded, so
     # TensorFlow must neither re-shard nor re-batch.
     train_data = strategy.distribute_datasets_from_function(train_input)
@@ -157,6 +166,8 @@ def train_loop_per_worker(config_dict: dict) -> None:
         else:
             model = build_model(config.model, dropout=config.dropout, augment=config.augment)
             compile_model(model, config.learning_rate)
+        # Set, not compiled in: a model restored from a checkpoint keeps its optimiser state.
+        model.jit_compile = config.xla
 
     callbacks = [
         keras.callbacks.ReduceLROnPlateau(
@@ -182,6 +193,76 @@ def train_loop_per_worker(config_dict: dict) -> None:
         callbacks=callbacks,
         verbose=0,
     )
+
+
+InputFn = Callable[[tf.distribute.InputContext], tf.data.Dataset]
+
+
+def feeds_from_memory(data_path: str, images_per_worker: int, workers_on_node: int) -> bool:
+    """Whether a worker materialises its shard (``memory``) or streams it (``stream``); ``auto`` decides
+    by the shard's size against this node's available memory shared among its workers."""
+    if data_path != "auto":
+        return data_path == "memory"
+    budget = MEMORY_SHARE_FOR_SHARD * available_memory_bytes() / max(1, workers_on_node)
+    return images_per_worker * BYTES_PER_IMAGE <= budget
+
+
+def available_memory_bytes() -> int:
+    """Memory the OS can still give out on this node (MemAvailable: free plus reclaimable cache)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")  # free memory only: cautious
+
+
+def memory_inputs(config: TrainConfig, rank: int) -> tuple[InputFn, InputFn]:
+    """Input functions over the worker's shards, materialised once as uint8 arrays."""
+    x_train, y_train = shard_to_arrays(ray.train.get_dataset_shard("train"))
+    x_val, y_val = shard_to_arrays(ray.train.get_dataset_shard("val"))
+
+    def train_input(_ctx) -> tf.data.Dataset:
+        return (
+            tf.data.Dataset.from_tensor_slices((x_train, y_train))
+            .shuffle(len(x_train), seed=config.seed + rank, reshuffle_each_iteration=True)
+            .repeat()
+            .batch(config.batch_size, drop_remainder=True)
+            .prefetch(tf.data.AUTOTUNE)
+        )
+
+    def val_input(_ctx) -> tf.data.Dataset:
+        return (
+            tf.data.Dataset.from_tensor_slices((x_val, y_val))
+            .batch(config.batch_size)
+            .prefetch(tf.data.AUTOTUNE)
+        )
+
+    return train_input, val_input
+
+
+def stream_inputs(config: TrainConfig, rank: int, train_rows: int) -> tuple[InputFn, InputFn]:
+    """Input functions that stream the worker's shards from Ray Data, one pass per epoch.
+
+    Both repeat: an epoch is exactly one pass (``steps_per_epoch`` full batches of the
+    training shard, ``validation_steps`` batches of the validation shard, the last one
+    partial), and the next pass starts when Keras asks for the next batch.
+    """
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+
+    def train_input(_ctx) -> tf.data.Dataset:
+        return train_shard.to_tf(
+            IMAGE, LABEL, batch_size=config.batch_size, drop_last=train_rows >= config.batch_size,
+            local_shuffle_buffer_size=STREAM_SHUFFLE_ROWS, local_shuffle_seed=config.seed + rank,
+        ).repeat().prefetch(tf.data.AUTOTUNE)
+
+    def val_input(_ctx) -> tf.data.Dataset:
+        return val_shard.to_tf(IMAGE, LABEL, batch_size=config.batch_size).repeat().prefetch(tf.data.AUTOTUNE)
+
+    return train_input, val_input
 
 
 def shard_to_arrays(shard) -> tuple[np.ndarray, np.ndarray]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from mnist_ray import artifacts, tune_results, tuning
-from mnist_ray.cli import EXIT_INTERRUPTED, EXIT_OK, SMOKE_TEST_LIMIT, tune_parser
+from mnist_ray.cli import EXIT_INTERRUPTED, EXIT_OK, SMOKE_TEST_LIMIT, model_flag_problem, tune_parser
 from mnist_ray.config import SearchSpace, TrainConfig
 from mnist_ray.data import DataSplits
 from mnist_ray.ray_setup import connect_ray
@@ -71,8 +71,8 @@ def main(args: argparse.Namespace) -> int:
 
 def new_settings(args: argparse.Namespace) -> dict:
     """The search's settings from its flags (resources are resolved once Ray is up)."""
-    if args.mixed_precision and not args.use_gpu:
-        tune_parser().error("--mixed-precision needs --use-gpu (float16 is slower on CPUs)")
+    if problem := model_flag_problem(args):
+        tune_parser().error(problem)
     try:
         SearchSpace(dropout=tuple(args.dropout_range), learning_rate=tuple(args.lr_range))
     except ValueError as exc:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mnist_ray import training
 from mnist_ray.cli import train_main
 from tests.helpers import set_csv_cell, write_kaggle_csv
 
@@ -91,6 +92,61 @@ def test_saved_model_loads_in_a_fresh_process_without_this_package(trained_run: 
     assert abs(low - 1) < 1e-4 and abs(high - 1) < 1e-4
 
 
+def test_streams_shards_from_ray_data(ray_session, tmp_path: Path):
+    """The path for shards too big for memory (``--data-path stream``), on 2 workers in step:
+    2 epochs (the second pass re-reads the stream), then the model is evaluated like any run's."""
+    run_dir = tmp_path / "streamed"
+    assert train_main([*TINY, "--epochs", "2", "--data-path", "stream", "--output-dir", str(run_dir)]) == 0
+    history = json.loads((run_dir / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+    settings = json.loads((run_dir / "config.json").read_text())
+    assert settings["train"]["data_path"] == "stream"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["count"] == 600
+
+
+def test_the_model_compiles_with_xla(mnist_arrays):
+    """--xla's training step (jit_compile) on this CPU, without augmentation: no op lacks an XLA kernel."""
+    import tf_keras as keras
+
+    from mnist_ray.model import build_model, compile_model
+
+    keras.utils.set_random_seed(0)
+    model = compile_model(build_model("cnn", dropout=0.25, augment=False), learning_rate=1e-3)
+    model.jit_compile = True
+    history = model.fit(mnist_arrays["x_train"][:256], mnist_arrays["y_train"][:256], batch_size=64,
+                        epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--xla"], "--xla needs --no-augment"),
+        (["--xla", "--no-augment", "--num-workers", "2"], "--xla on CPUs needs a single worker"),
+        (["--mixed-precision"], "--mixed-precision needs --use-gpu"),
+    ],
+)
+def test_flag_combinations_that_cannot_work_exit_2(flags, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        train_main(flags)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("data_path", "images", "workers_on_node", "expected"),
+    [
+        ("memory", 10**12, 1, True),  # forced, whatever the size
+        ("stream", 10, 1, False),
+        ("auto", 60_000, 2, True),  # MNIST: ~48 MB
+        ("auto", 10**12, 1, False),  # ~800 TB: no machine has a quarter of that free
+    ],
+)
+def test_data_path_choice(data_path, images, workers_on_node, expected):
+    assert training.feeds_from_memory(data_path, images, workers_on_node) is expected
+
+
 def test_trains_from_kaggle_csv_files(ray_session, tmp_path: Path, mnist_arrays):
     data = tmp_path / "csv"
     data.mkdir()
@@ -129,5 +185,5 @@ def test_help_lists_every_documented_flag():
     out = run_job("--help").stdout
     for flag in ("--data", "--limit", "--epochs", "--batch-size", "--learning-rate", "--dropout", "--model",
                  "--augment", "--num-workers", "--use-gpu", "--output-dir", "--storage-path", "--resume",
-                 "--seed", "--address", "--smoke-test"):
+                 "--seed", "--address", "--smoke-test", "--mixed-precision", "--xla", "--data-path"):
         assert flag in out, flag

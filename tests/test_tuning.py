@@ -209,6 +209,7 @@ def test_trial_without_results_ranks_last():
         (["--lr-range", "1e-2", "1e-4"], "learning-rate range"),
         (["--dropout-range", "0.2", "1.5"], "dropout range"),
         (["--reduction-factor", "1"], "--reduction-factor"),
+        (["--xla"], "--xla needs --no-augment"),
     ],
 )
 def test_bad_search_flags_exit_2_with_a_message(flags, message, capsys):
@@ -225,6 +226,7 @@ def test_help_lists_every_documented_flag():
     for flag in ("--dropout-range", "--lr-range", "--num-samples", "--max-concurrent-trials",
                  "--workers-per-trial", "--use-gpu", "--epochs", "--output-dir", "--storage-path", "--data",
                  "--limit", "--seed",
-                 "--grace-period", "--search", "--retrain-best", "--resume", "--address", "--smoke-test"):
+                 "--grace-period", "--search", "--retrain-best", "--resume", "--address", "--smoke-test",
+                 "--xla", "--data-path"):
         assert flag in text, flag
     assert "--learning-rate" not in text and "--dropout " not in text  # sampled, not set
