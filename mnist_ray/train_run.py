@@ -35,6 +35,9 @@ def main(args: argparse.Namespace) -> int:
     if args.smoke_test:
         args.limit = min(args.limit or SMOKE_TEST_LIMIT, SMOKE_TEST_LIMIT)
         args.epochs = 1
+        # Seen: ~11 % (one class) after a smoke test's few steps, which alarms a new user.
+        print("smoke test: 2,000 images for 1 epoch check the whole path; too few steps for the "
+              "accuracy to mean anything (BatchNorm statistics have not settled)", flush=True)
     if problem := model_flag_problem(args):
         train_parser().error(problem)
     connect_ray(args.address)
