@@ -12,15 +12,7 @@ from tests.ray_cluster import LocalRayCluster
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(scope="module")
-def ray_head():
-    cluster = LocalRayCluster(num_cpus=2)
-    try:
-        cluster.start_head()
-        yield cluster
-    finally:
-        cluster.stop()
+# ray_head: a Ray head of this module's own (tests/conftest.py).
 
 
 def test_ray_job_submit_trains_and_writes_the_run_directory(ray_head: LocalRayCluster, tmp_path: Path):
