@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,17 @@ def latest_checkpoint_state(run_dir: Path) -> dict | None:
     return max(states, key=lambda s: s["epoch"], default=None)
 
 
+def wait_for_checkpoint(run_dir: Path, running: Callable[[], bool], deadline: float) -> dict | None:
+    """The state of the first checkpoint of epoch KILL_AFTER_EPOCH or later, while the run is
+    ``running`` and before ``deadline`` (time.monotonic()); None if none appeared."""
+    while running() and time.monotonic() < deadline:
+        state = latest_checkpoint_state(run_dir)
+        if state and state["epoch"] >= KILL_AFTER_EPOCH:
+            return state
+        time.sleep(0.2)
+    return None
+
+
 def train_worker_pids() -> list[int]:
     """PIDs of the live Ray Train workers of this test's Ray (the session's, no other)."""
     from ray._private import state
@@ -56,13 +68,7 @@ def test_a_killed_worker_is_replaced_and_training_resumes_from_the_checkpoint(ra
                                                                                  str(run_dir)])))
     job.start()
     deadline = time.monotonic() + TIMEOUT_S
-    before_kill = None
-    while job.is_alive() and time.monotonic() < deadline:
-        state = latest_checkpoint_state(run_dir)
-        if state and state["epoch"] >= KILL_AFTER_EPOCH:
-            before_kill = state
-            break
-        time.sleep(0.2)
+    before_kill = wait_for_checkpoint(run_dir, job.is_alive, deadline)
     assert before_kill is not None, f"no checkpoint of epoch {KILL_AFTER_EPOCH} appeared ({outcome})"
     assert before_kill["epoch"] < EPOCHS, "the run finished before a worker could be killed"
     pids = train_worker_pids()
@@ -106,13 +112,7 @@ def test_a_killed_driver_is_resumed_from_its_last_checkpoint(ray_head, tmp_path)
         job = subprocess.Popen([*train, *ARGS, "--output-dir", str(run_dir)], cwd=REPO, env=ray_head.env,
                                stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + TIMEOUT_S
-    before_kill = None
-    while job.poll() is None and time.monotonic() < deadline:
-        state = latest_checkpoint_state(run_dir)
-        if state and state["epoch"] >= KILL_AFTER_EPOCH:
-            before_kill = state
-            break
-        time.sleep(0.2)
+    before_kill = wait_for_checkpoint(run_dir, lambda: job.poll() is None, deadline)
     job.kill()
     job.wait(timeout=60)
     first_log = (tmp_path / "first.log").read_text()
