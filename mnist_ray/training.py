@@ -3,8 +3,9 @@
 Each Ray Train worker receives its shard of the ``train`` and ``val`` datasets.
 When the shard fits (MNIST shards are tens of MB) it is materialised once as uint8
 arrays and fed to ``tf.data`` from memory: measured here, 2–4× faster than
-streaming ``to_tf()`` batches every epoch. A shard too big for that is streamed
-from Ray Data every epoch instead (``--data-path``). The model trains under
+streaming ``to_tf()`` batches every epoch. A training shard too big for that is
+streamed from Ray Data every epoch instead (``--data-path``); the validation shard is
+always held in memory (see :func:`stream_inputs`). The model trains under
 ``MultiWorkerMirroredStrategy`` (a lone worker under TensorFlow's default strategy);
 every epoch all workers save a checkpoint (collective reads require all of them) and
 rank 0 hands it to Ray Train.
@@ -199,8 +200,9 @@ InputFn = Callable[[tf.distribute.InputContext], tf.data.Dataset]
 
 
 def feeds_from_memory(data_path: str, images_per_worker: int, workers_on_node: int) -> bool:
-    """Whether a worker materialises its shard (``memory``) or streams it (``stream``); ``auto`` decides
-    by the shard's size against this node's available memory shared among its workers."""
+    """Whether a worker materialises its training shard (``memory``) or streams it (``stream``);
+    ``auto`` decides by the size of its shards (training and validation) against this node's
+    available memory shared among its workers."""
     if data_path != "auto":
         return data_path == "memory"
     budget = MEMORY_SHARE_FOR_SHARD * available_memory_bytes() / max(1, workers_on_node)
@@ -220,9 +222,8 @@ def available_memory_bytes() -> int:
 
 
 def memory_inputs(config: TrainConfig, rank: int) -> tuple[InputFn, InputFn]:
-    """Input functions over the worker's shards, materialised once as uint8 arrays."""
+    """Input functions over the worker's shards, both materialised once as uint8 arrays."""
     x_train, y_train = shard_to_arrays(ray.train.get_dataset_shard("train"))
-    x_val, y_val = shard_to_arrays(ray.train.get_dataset_shard("val"))
 
     def train_input(_ctx) -> tf.data.Dataset:
         return (
@@ -233,25 +234,24 @@ def memory_inputs(config: TrainConfig, rank: int) -> tuple[InputFn, InputFn]:
             .prefetch(tf.data.AUTOTUNE)
         )
 
-    def val_input(_ctx) -> tf.data.Dataset:
-        return (
-            tf.data.Dataset.from_tensor_slices((x_val, y_val))
-            .batch(config.batch_size)
-            .prefetch(tf.data.AUTOTUNE)
-        )
-
-    return train_input, val_input
+    return train_input, validation_input(config)
 
 
 def stream_inputs(config: TrainConfig, rank: int, train_rows: int) -> tuple[InputFn, InputFn]:
-    """Input functions that stream the worker's shards from Ray Data, one pass per epoch.
+    """Input functions that stream the worker's training shard from Ray Data, one pass per epoch.
 
-    Both repeat: an epoch is exactly one pass (``steps_per_epoch`` full batches of the
-    training shard, ``validation_steps`` batches of the validation shard, the last one
-    partial), and the next pass starts when Keras asks for the next batch.
+    The training input repeats: an epoch is exactly one pass (``steps_per_epoch`` full
+    batches), and the next pass starts when Keras asks for the next batch. Keras opens
+    that iterator once per ``fit``, so every worker starts each pass of its streamed split
+    in step with the others, as Ray's ``streaming_split`` requires.
+
+    The validation shard is held in memory even here: Keras opens a *new* iterator on the
+    validation data at every epoch's evaluation while the previous one, prefetching, may
+    already have started the next pass of the split. Streamed, the workers' passes then
+    drift apart and one waits forever at Ray's epoch barrier (seen in CI: one worker in
+    ``evaluate``, the other in its collective checkpoint save).
     """
     train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
 
     def train_input(_ctx) -> tf.data.Dataset:
         return train_shard.to_tf(
@@ -259,10 +259,21 @@ def stream_inputs(config: TrainConfig, rank: int, train_rows: int) -> tuple[Inpu
             local_shuffle_buffer_size=STREAM_SHUFFLE_ROWS, local_shuffle_seed=config.seed + rank,
         ).repeat().prefetch(tf.data.AUTOTUNE)
 
-    def val_input(_ctx) -> tf.data.Dataset:
-        return val_shard.to_tf(IMAGE, LABEL, batch_size=config.batch_size).repeat().prefetch(tf.data.AUTOTUNE)
+    return train_input, validation_input(config)
 
-    return train_input, val_input
+
+def validation_input(config: TrainConfig) -> InputFn:
+    """The input function over the worker's validation shard, materialised once as uint8 arrays."""
+    x_val, y_val = shard_to_arrays(ray.train.get_dataset_shard("val"))
+
+    def val_input(_ctx) -> tf.data.Dataset:
+        return (
+            tf.data.Dataset.from_tensor_slices((x_val, y_val))
+            .batch(config.batch_size)
+            .prefetch(tf.data.AUTOTUNE)
+        )
+
+    return val_input
 
 
 def shard_to_arrays(shard) -> tuple[np.ndarray, np.ndarray]:
