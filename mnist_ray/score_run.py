@@ -15,6 +15,7 @@ import json
 import os
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,8 +122,16 @@ def main(args: argparse.Namespace) -> int:
     paths = resolve_csv_paths(args.input)
     if args.submission and len(paths) != 1:
         score_parser().error(f"--submission needs exactly one input file; {len(paths)} matched")
-    model = load_scoring_model(artifacts.resolve_run_dir(args.model))
+    run_dir = artifacts.resolve_run_dir(args.model)
+    model = load_scoring_model(run_dir)
     output_dir = Path(args.output).resolve()
+    # Both take seconds, mostly in other processes or threads: Ray's start overlaps the model's
+    # safe-mode load (TensorFlow's import), unless the inputs look already scored.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        loaded = pool.submit(check_model_file, run_dir / artifacts.MODEL_FILE, model.model_file)
+        if args.force or not looks_scored(paths, scoring_output.read_manifest(output_dir), model.model_id):
+            connect_ray(args.address)
+        loaded.result()  # RunDirError (exit 2) before anything is written
     date = args.date or datetime.datetime.now(datetime.timezone.utc).date().isoformat()
     options = InferenceOptions(
         batch_size=args.batch_size, concurrency=args.concurrency,
@@ -144,12 +153,24 @@ def main(args: argparse.Namespace) -> int:
     return code
 
 
+def looks_scored(paths: list[str], manifest: list[dict], model_id: str) -> bool:
+    """Whether every input is in the manifest, at its current size, scored by this model: a hint
+    only (read without the output's lock, sizes not contents) that Ray may not be needed."""
+    scored = {(e["path"], e["size"]) for e in manifest if e["model_id"] == model_id}
+    for path in paths:
+        try:
+            if (path, os.path.getsize(path)) not in scored:
+                return False
+        except OSError:
+            return False
+    return True
+
+
 def load_scoring_model(run_dir: Path) -> ScoringModel:
-    """The model of a run fit to score; raises ``RunDirError`` if it is not (before anything is written)."""
+    """The model of a run fit to score, but for the safe-mode load of its file (:func:`check_model_file`);
+    raises ``RunDirError`` if the run is not fit (before anything is written)."""
     metadata = artifacts.check_scoring_run(run_dir)
-    path = run_dir / artifacts.MODEL_FILE
-    model_file = path.read_bytes()
-    check_model_file(path, model_file)
+    model_file = (run_dir / artifacts.MODEL_FILE).read_bytes()
     counts = metadata.get("data", {}).get("train_class_counts")
     return ScoringModel(run_dir, model_file, artifacts.content_id(model_file), counts)
 

@@ -324,6 +324,24 @@ def test_a_rerun_skips_what_was_scored(first_batch, tiny_run, inputs, tmp_path):
     assert len(list((output / "batches").iterdir())) == 1
 
 
+def test_inputs_look_scored_only_when_every_one_is_in_the_manifest_at_its_size(first_batch, tiny_run, inputs,
+                                                                               tmp_path):
+    """The hint that spares a rerun Ray's start: every path, at its current size, by this model."""
+    manifest = scoring_output.read_manifest(first_batch["output"])
+    model_id = artifacts.model_id(tiny_run)
+    paths = sorted(str(p) for p in inputs.iterdir())
+    assert score_run.looks_scored(paths, manifest, model_id)
+    assert not score_run.looks_scored(paths, manifest, "another-model")
+    assert not score_run.looks_scored([*paths, str(tmp_path / "missing.csv")], manifest, model_id)
+    grown = tmp_path / "grown.csv"
+    shutil.copy(paths[0], grown)
+    moved = [{**e, "path": str(grown)} for e in manifest if e["path"] == paths[0]]
+    assert score_run.looks_scored([str(grown)], moved, model_id)
+    with open(grown, "a") as f:
+        f.write("\n")
+    assert not score_run.looks_scored([str(grown)], moved, model_id)
+
+
 def test_force_rescores_and_replaces_without_duplicates(first_batch, tiny_run, inputs, tmp_path):
     output = copy_output(first_batch, tmp_path)
     target = inputs / "b_ids_shuffled.csv"
