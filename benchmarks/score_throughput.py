@@ -142,10 +142,10 @@ def main() -> int:
             print(f"{rows:>10,} rows: {JOBS[mode]} at {job['rows_per_s'] / base['rows_per_s']:.2f}× the "
                   f"baseline's rows/s, {job['peak_gb'] / base['peak_gb']:.2f}× its peak memory")
     for mode in args.ray:
-        peaks = {r["rows"]: r["peak_gb"] for r in results if r["method"] == JOBS[mode]}
-        if len(peaks) > 1:
-            small, large = min(peaks), max(peaks)
-            print(f"{JOBS[mode]}: peak memory at {large:,} rows is {peaks[large] / peaks[small]:.2f}× "
+        peaks = sorted((r["rows"], r["peak_gb"]) for r in results if r["method"] == JOBS[mode])
+        # Flat memory: each size's peak against the next smaller size's.
+        for (small, small_peak), (large, large_peak) in zip(peaks, peaks[1:], strict=False):
+            print(f"{JOBS[mode]}: peak memory at {large:,} rows is {large_peak / small_peak:.2f}× "
                   f"that at {small:,} rows")
     payload = {"machine": info, "concurrency": args.concurrency, "results": results}
     print(f"results: {write_results('score_throughput', payload, args.json)}")
