@@ -14,6 +14,7 @@ rank 0 hands it to Ray Train.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import socket
@@ -29,7 +30,14 @@ import ray
 import ray.train
 import tensorflow as tf
 import tf_keras as keras
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
+from ray.train import (
+    CheckpointConfig,
+    FailureConfig,
+    LoggingConfig,
+    RunConfig,
+    ScalingConfig,
+    UserCallback,
+)
 from ray.train.tensorflow import TensorflowTrainer
 
 from mnist_ray import LEGACY_KERAS_ENV
@@ -95,6 +103,9 @@ def build_trainer(
             failure_config=FailureConfig(max_failures=config.max_failures),
             worker_runtime_env={"env_vars": dict(LEGACY_KERAS_ENV)},
             callbacks=list(callbacks),
+            # At INFO Ray Train prints every checkpoint it persists around rank 0's one progress
+            # line per epoch; its log files keep them.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
         datasets={"train": train, "val": val},
     )
@@ -113,6 +124,9 @@ def scaling_config(config: TrainConfig) -> ScalingConfig:
 def train_loop_per_worker(config_dict: dict) -> None:
     """Runs on every Ray Train worker: build, (resume,) fit, report every epoch."""
     config = TrainConfig.from_dict(config_dict)
+    # Ray Train logs each report of each worker at INFO through a logger named after its file
+    # path (Ray 2.60), out of LoggingConfig's reach: the root level is what silences it.
+    logging.getLogger().setLevel(logging.WARNING)
     context = ray.train.get_context()
     rank = context.get_world_rank()
     # On a cluster, where each worker ran is the first thing to know when one is slow or fails.
