@@ -27,6 +27,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +70,7 @@ def make_input(path: Path, rows: int) -> None:
 
 
 def run_measured(
-    command: list[str], env: dict[str, str] | None = None, also: list[int] = ()
+    command: list[str], env: dict[str, str] | None = None, also: Sequence[int] = ()
 ) -> tuple[float, float, int]:
     """(wall seconds, peak PSS in GB, exit code) of ``command``; the PSS is of its process tree
     and of the trees of the processes ``also`` (a running Ray's nodes)."""
