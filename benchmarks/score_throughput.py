@@ -1,14 +1,17 @@
 """Scoring throughput and peak memory: jobs/score.py against a plain single-process baseline.
 
-    python benchmarks/score_throughput.py --model runs/latest --rows 100000 1000000 [--work-dir DIR]
+    python benchmarks/score_throughput.py --model runs/latest --rows 100000 1000000 [--repeats N]
 
 For each size, writes an unlabelled Kaggle CSV of that many MNIST test images
-(the 10,000 repeated), then runs, each in a fresh process:
+(the 10,000 repeated), then runs, each in a fresh process, ``--repeats`` times in turn
+(the figures are medians):
 
-* ``jobs/score.py`` as a nightly cron run on one machine does: it starts its own local Ray
-  (``--ray local``);
+* ``jobs/score.py`` as a nightly cron run on one machine does (``--jobs auto``): it picks
+  where to score (``--executor auto``: in its own process up to 256 MB of input, else a
+  Ray it starts); the executor it picked is printed beside the figures;
+* ``jobs/score.py --executor ray`` (``--jobs ray``): always through Ray Data, on a Ray it starts;
 * ``jobs/score.py --address`` against a Ray that is already running, as a job submitted to
-  a cluster is (``--ray running``: a ``ray start`` head on 127.0.0.1, started once, with
+  a cluster is (``--jobs running``: a ``ray start`` head on 127.0.0.1, started once, with
   the machine's CPUs, token authentication on);
 * the baseline: ``pandas.read_csv`` + ``model.predict`` + ``DataFrame.to_parquet``.
 
@@ -23,7 +26,9 @@ asserts nothing.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -41,7 +46,9 @@ from mnist_ray.csv_format import write_kaggle_csv  # noqa: E402
 from mnist_ray.data import BUNDLED_MNIST  # noqa: E402
 from tests.ray_cluster import LocalRayCluster  # noqa: E402
 
-JOBS = {"local": "jobs/score.py", "running": "jobs/score.py --address"}
+# The job's flags in each mode (``running`` adds the running Ray's address), and its name in the tables.
+JOB_FLAGS = {"auto": [], "ray": ["--executor", "ray"], "running": ["--address"]}
+JOBS = {mode: " ".join(["jobs/score.py", *flags]) for mode, flags in JOB_FLAGS.items()}
 BASELINE_NAME = "pandas + predict + parquet"
 BASELINE = """
 import sys, numpy as np, pandas as pd
@@ -115,8 +122,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="runs/latest", help="the run directory to score with")
     parser.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
-    parser.add_argument("--ray", nargs="+", choices=list(JOBS), default=list(JOBS),
-                        help="how the job meets Ray: starting its own (local) or joining one (running)")
+    parser.add_argument("--jobs", nargs="+", choices=list(JOBS), default=list(JOBS),
+                        help="the job's runs to measure: as cron runs it (auto), always on a Ray it starts "
+                        "(ray), on a Ray already running (running)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each method per size (medians)")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/mnist_ray_bench"))
     parser.add_argument("--concurrency", type=int, default=None,
                         help="inference actors of the job (default: the job's own, as many as fit)")
@@ -126,7 +135,7 @@ def main() -> int:
     info = machine()
     print(describe(info), flush=True)
     cluster = None
-    if "running" in args.ray:
+    if "running" in args.jobs:
         cluster = LocalRayCluster(num_cpus=os.cpu_count() or 1)
         cluster.start_head()
     try:
@@ -138,52 +147,78 @@ def main() -> int:
     for rows in args.rows:
         by_method = {r["method"]: r for r in results if r["rows"] == rows}
         base = by_method[BASELINE_NAME]
-        for mode in args.ray:
+        for mode in args.jobs:
             job = by_method[JOBS[mode]]
             print(f"{rows:>10,} rows: {JOBS[mode]} at {job['rows_per_s'] / base['rows_per_s']:.2f}× the "
                   f"baseline's rows/s, {job['peak_gb'] / base['peak_gb']:.2f}× its peak memory")
-    for mode in args.ray:
+    for mode in args.jobs:
         peaks = sorted((r["rows"], r["peak_gb"]) for r in results if r["method"] == JOBS[mode])
         # Flat memory: each size's peak against the next smaller size's.
         for (small, small_peak), (large, large_peak) in zip(peaks, peaks[1:], strict=False):
             print(f"{JOBS[mode]}: peak memory at {large:,} rows is {large_peak / small_peak:.2f}× "
                   f"that at {small:,} rows")
-    payload = {"machine": info, "concurrency": args.concurrency, "results": results}
+    payload = {"machine": info, "concurrency": args.concurrency, "repeats": args.repeats, "results": results}
     print(f"results: {write_results('score_throughput', payload, args.json)}")
     return 0
 
 
 def measure(args: argparse.Namespace, cluster: LocalRayCluster | None) -> list[dict]:
-    """Run every method on every size; print a row per run; return the rows."""
-    print(f"{'rows':>10}  {'method':<26} {'seconds':>8} {'rows/s':>8} {'peak GB':>8}  exit")
+    """Run every method on every size, the methods in turn ``--repeats`` times; print a row per run;
+    return a row per size and method, with the medians."""
+    print(f"{'rows':>10}  {'method':<30} {'seconds':>8} {'rows/s':>8} {'peak GB':>8}  exit  executor")
     results = []
     for rows in args.rows:
         csv = args.work_dir / f"digits-{rows}.csv"
         make_input(csv, rows)
-        runs = {}
-        for mode in args.ray:
-            output = args.work_dir / f"scored-{rows}-{time.time_ns()}"
-            job = [sys.executable, "jobs/score.py", "--model", args.model, "--input", str(csv),
-                   "--output", str(output)]
-            if args.concurrency:
-                job += ["--concurrency", str(args.concurrency)]
-            if mode == "running":
-                job += ["--address", cluster.gcs_address]
-                runs[JOBS[mode]] = (job, cluster.env, [p.pid for p in cluster.processes])
-            else:
-                runs[JOBS[mode]] = (job, None, [])
-        runs[BASELINE_NAME] = (
-            [sys.executable, "-c", BASELINE, str(csv), args.model,
-             str(args.work_dir / f"baseline-{rows}.parquet")],
-            None, [],
-        )
-        for name, (command, env, also) in runs.items():
-            seconds, peak, code = run_measured(command, env, also)
-            results.append({"rows": rows, "method": name, "seconds": seconds, "rows_per_s": rows / seconds,
-                            "peak_gb": peak, "exit_code": code})
-            print(f"{rows:>10,}  {name:<26} {seconds:>8.1f} {rows / seconds:>8,.0f} {peak:>8.2f}  {code}",
-                  flush=True)
+        runs: dict[str, list[dict]] = {}
+        for _ in range(args.repeats):
+            for name, (command, env, also, output) in _commands(args, cluster, csv, rows).items():
+                seconds, peak, code = run_measured(command, env, also)
+                run = {"seconds": seconds, "peak_gb": peak, "exit_code": code, "executor": _executor(output)}
+                runs.setdefault(name, []).append(run)
+                print(f"{rows:>10,}  {name:<30} {seconds:>8.1f} {rows / seconds:>8,.0f} {peak:>8.2f}  "
+                      f"{code:>4}  {run['executor'] or ''}", flush=True)
+        for name, repeats in runs.items():
+            seconds = statistics.median(r["seconds"] for r in repeats)
+            results.append({
+                "rows": rows, "method": name, "seconds": seconds, "rows_per_s": rows / seconds,
+                "peak_gb": statistics.median(r["peak_gb"] for r in repeats),
+                "exit_codes": sorted({r["exit_code"] for r in repeats}),
+                "executor": repeats[0]["executor"], "runs": repeats,
+            })
     return results
+
+
+def _commands(
+    args: argparse.Namespace, cluster: LocalRayCluster | None, csv: Path, rows: int
+) -> dict[str, tuple[list[str], dict[str, str] | None, list[int], Path | None]]:
+    """Each method's (command, environment, other processes whose memory counts, job output directory)."""
+    commands = {}
+    for mode in args.jobs:
+        output = args.work_dir / f"scored-{rows}-{time.time_ns()}"
+        job = [sys.executable, "jobs/score.py", "--model", args.model, "--input", str(csv),
+               "--output", str(output), *JOB_FLAGS[mode]]
+        if args.concurrency:
+            job += ["--concurrency", str(args.concurrency)]
+        if mode == "running":
+            job += [cluster.gcs_address]
+            commands[JOBS[mode]] = (job, cluster.env, [p.pid for p in cluster.processes], output)
+        else:
+            commands[JOBS[mode]] = (job, None, [], output)
+    commands[BASELINE_NAME] = (
+        [sys.executable, "-c", BASELINE, str(csv), args.model,
+         str(args.work_dir / f"baseline-{rows}.parquet")],
+        None, [], None,
+    )
+    return commands
+
+
+def _executor(output: Path | None) -> str | None:
+    """Where the job scored (its batch summary says), or None for the baseline."""
+    if output is None:
+        return None
+    summaries = list(output.glob("batches/*/summary.json"))
+    return json.loads(summaries[0].read_text()).get("executor") if summaries else "no batch"
 
 
 if __name__ == "__main__":

@@ -11,8 +11,10 @@ from collections.abc import Callable
 from mnist_ray.artifacts import DEFAULT_RUNS_DIR, LATEST, RunDirError
 from mnist_ray.config import (
     DATA_PATHS,
+    LOCAL_SCORING_MAX_BYTES,
     MODEL_KINDS,
     PLACEMENT_STRATEGIES,
+    SCORE_EXECUTORS,
     SEARCH_ALGORITHMS,
     SearchSpace,
     TrainConfig,
@@ -302,6 +304,12 @@ def score_parser() -> argparse.ArgumentParser:
     inference.add_argument("--cpus-per-actor", type=positive_int, default=1, metavar="N",
                            help="CPUs each inference actor reserves; TensorFlow uses that many threads "
                            "(default: 1)")
+    inference.add_argument("--executor", choices=SCORE_EXECUTORS, default="auto",
+                           help="where rows are scored: 'ray' with Ray Data (read tasks, an actor pool); "
+                           "'local' in this process, no Ray; 'auto' (default) is 'local' for inputs of "
+                           f"at most {LOCAL_SCORING_MAX_BYTES >> 20} MB (~140,000 rows) when neither "
+                           "--address/$RAY_ADDRESS nor --use-gpu is given (Ray would take longer to start "
+                           "than they take to score), 'ray' otherwise")
     return parser
 
 

@@ -1,4 +1,4 @@
-"""The training configuration: one dataclass, light to import (no TensorFlow)."""
+"""The jobs' configuration: the training dataclass and the choices flags offer (no TensorFlow)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,13 @@ PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD")
 # How a worker feeds its shard to TensorFlow: from memory (materialised once as uint8 arrays),
 # streamed from Ray Data every epoch, or whichever fits (see mnist_ray.training.feeds_from_memory).
 DATA_PATHS = ("auto", "memory", "stream")
+# Where the scoring job scores rows: with Ray Data, in its own process, or whichever suits the
+# input (see mnist_ray.scoring.choose_executor).
+SCORE_EXECUTORS = ("auto", "ray", "local")
+# Inputs up to this size (~140,000 CSV rows) are scored in the job's own process when no cluster
+# is named: on one small machine that takes ~30 s, about what starting Ray and loading the model
+# in its actors costs before the first row is scored (benchmarks/score_throughput.py measures both).
+LOCAL_SCORING_MAX_BYTES = 256 << 20
 
 
 @dataclass

@@ -2,8 +2,9 @@
 
 This is what ``jobs/score.py`` runs. Inputs the manifest says this model has
 already scored (same path, same content) are skipped unless ``--force``; the
-rest are read, validated and scored by :mod:`mnist_ray.scoring` and written
-by :mod:`mnist_ray.scoring_output`, which publishes the batch atomically.
+rest are read, validated and scored by :mod:`mnist_ray.scoring` (with Ray Data,
+or in this process for small inputs on one machine: :func:`~mnist_ray.scoring.choose_executor`)
+and written by :mod:`mnist_ray.scoring_output`, which publishes the batch atomically.
 Exit codes are documented in :mod:`mnist_ray.cli`.
 """
 
@@ -49,7 +50,9 @@ from mnist_ray.scoring import (
     REJECTED_ROW,
     ROW,
     InferenceOptions,
+    choose_executor,
     load_model_file,
+    local_stream,
     scored_stream,
 )
 from mnist_ray.scoring_output import PREDICTION_SCHEMA, PREDICTIONS, REJECTS, StagedBatch
@@ -125,23 +128,31 @@ def main(args: argparse.Namespace) -> int:
     run_dir = artifacts.resolve_run_dir(args.model)
     model = load_scoring_model(run_dir)
     output_dir = Path(args.output).resolve()
+    executor = choose_executor(
+        args.executor, address=args.address, use_gpu=args.use_gpu, input_bytes=input_size(paths)
+    )
     # Both take seconds, mostly in other processes or threads: Ray's start overlaps the model's
     # safe-mode load (TensorFlow's import), unless the inputs look already scored.
     with ThreadPoolExecutor(max_workers=1) as pool:
         loaded = pool.submit(check_model_file, run_dir / artifacts.MODEL_FILE, model.model_file)
-        if args.force or not looks_scored(paths, scoring_output.read_manifest(output_dir), model.model_id):
+        if executor == "ray" and (
+            args.force or not looks_scored(paths, scoring_output.read_manifest(output_dir), model.model_id)
+        ):
             connect_ray(args.address)
-        loaded.result()  # RunDirError (exit 2) before anything is written
+        keras_model = loaded.result()  # RunDirError (exit 2) before anything is written
     date = args.date or datetime.datetime.now(datetime.timezone.utc).date().isoformat()
     options = InferenceOptions(
         batch_size=args.batch_size, concurrency=args.concurrency,
         cpus_per_actor=args.cpus_per_actor, use_gpu=args.use_gpu,
     )
+    # In this process, the model the check loaded scores; with Ray, each actor loads its own.
+    local_model = keras_model if executor == "local" else None
     try:
         with scoring_output.locked(output_dir):
             recovered = [show_batch(batch_dir) for batch_dir in scoring_output.recover(output_dir)]
             code = score_batch(
-                paths, model, output_dir, date, options, force=args.force, address=args.address
+                paths, model, output_dir, date, options, force=args.force, address=args.address,
+                local_model=local_model,
             )
             # The batch an interrupted job could not report on is reported now.
             if code == EXIT_OK and EXIT_REJECTS in recovered:
@@ -166,6 +177,14 @@ def looks_scored(paths: list[str], manifest: list[dict], model_id: str) -> bool:
     return True
 
 
+def input_size(paths: list[str]) -> int | None:
+    """The inputs' total stored size in bytes; None if one cannot be had cheaply (a URI, an error)."""
+    try:
+        return sum(os.path.getsize(path) for path in paths)
+    except OSError:
+        return None
+
+
 def load_scoring_model(run_dir: Path) -> ScoringModel:
     """The model of a run fit to score, but for the safe-mode load of its file (:func:`check_model_file`);
     raises ``RunDirError`` if the run is not fit (before anything is written)."""
@@ -175,8 +194,9 @@ def load_scoring_model(run_dir: Path) -> ScoringModel:
     return ScoringModel(run_dir, model_file, artifacts.content_id(model_file), counts)
 
 
-def check_model_file(path: Path, model_file: bytes) -> None:
-    """Raise ``RunDirError`` unless ``model_file`` loads in safe mode and maps 28×28 images to 10 classes."""
+def check_model_file(path: Path, model_file: bytes):
+    """The model in ``model_file``, loaded in safe mode; raises ``RunDirError`` unless it loads and
+    maps 28×28 images to 10 classes."""
     try:
         model = load_model_file(model_file)
     except Exception as exc:  # any failure to load means the same thing: this file cannot score
@@ -186,6 +206,7 @@ def check_model_file(path: Path, model_file: bytes) -> None:
             f"{path} takes {model.input_shape} and returns {model.output_shape}; "
             f"expected (None, 28, 28) → (None, {NUM_CLASSES})"
         )
+    return model
 
 
 def score_batch(
@@ -197,8 +218,12 @@ def score_batch(
     *,
     force: bool,
     address: str | None,
+    local_model=None,
 ) -> int:
-    """Score the inputs this model has not scored yet as one batch and publish it; returns the exit code."""
+    """Score the inputs this model has not scored yet as one batch and publish it; returns the exit code.
+
+    With ``local_model`` (the model, loaded) they are scored in this process, else with Ray
+    (``address``, or a Ray started here)."""
     inputs = plan_inputs(paths, scoring_output.read_manifest(output_dir), model.model_id, force=force)
     todo = [i for i in inputs if i.previous is None]
     if not todo:
@@ -213,7 +238,7 @@ def score_batch(
         flush=True,
     )
     try:
-        staged = stage(batch, model, inputs, options, address)
+        staged = stage(batch, model, inputs, options, address, local_model)
     except BaseException:
         batch.remove()  # nothing was published; the next job would remove it anyway
         raise
@@ -232,7 +257,7 @@ def score_batch(
 
 def stage(
     batch: StagedBatch, model: ScoringModel, inputs: list[InputFile], options: InferenceOptions,
-    address: str | None,
+    address: str | None, local_model=None,
 ) -> Staged:
     """Score the inputs not skipped into ``batch``, check the counts, stage summary and metrics."""
     clock = time.monotonic()
@@ -240,15 +265,21 @@ def stage(
     readable = [i for i in todo if i.unreadable is None]
     results = {i.path: FileResult(i.path) for i in todo}
     digits = DigitSampler()
-    if readable:
+    paths = [i.path for i in readable]
+    if readable and local_model is not None:
+        print(f"inference: in this process (no Ray), batch size {options.batch_size}", flush=True)
+        stream_into(batch, readable, results, digits, local_stream(paths, local_model, options))
+    elif readable:
         connect_ray(address)
         options = options.resolved(ray.cluster_resources())
         print(
-            f"inference: up to {options.concurrency} actor(s) × {options.cpus_per_actor} CPU"
+            f"inference: Ray Data, up to {options.concurrency} actor(s) × {options.cpus_per_actor} CPU"
             f"{' + 1 GPU' if options.use_gpu else ''}, batch size {options.batch_size}",
             flush=True,
         )
-        stream_into(batch, readable, results, digits, model.model_file, options)
+        input_bytes = sum(i.size or 0 for i in readable)
+        records = scored_stream(paths, model.model_file, options, input_bytes=input_bytes)
+        stream_into(batch, readable, results, digits, records)
     for item in todo:
         if item.unreadable is not None:
             batch.add_rejects(item.path, [None], [item.unreadable], [""])
@@ -260,6 +291,7 @@ def stage(
     published = [i for i in todo if i not in changed]
     seconds = time.monotonic() - clock
     summary = build_summary(batch, model, inputs, published, changed, results, seconds)
+    summary["executor"] = "local" if local_model is not None else "ray"
     metrics = labelled_metrics([results[i.path] for i in published])
     batch.write_parquet(scoring_output.DIGITS_FILE, digits.table(exclude=[i.path for i in changed]))
     batch.write_json(scoring_output.SUMMARY_FILE, summary)
@@ -299,15 +331,14 @@ def stream_into(
     inputs: list[InputFile],
     results: dict[str, FileResult],
     digits: DigitSampler,
-    model_file: bytes,
-    options: InferenceOptions,
+    stream: Iterable[dict[str, np.ndarray]],
 ) -> None:
-    """Run the Ray Data pipeline over ``inputs``, staging its records, counting them in ``results``
-    and offering the report's candidate digits to ``digits``."""
+    """Stage the scored records of ``inputs`` (:func:`~mnist_ray.scoring.scored_stream` or
+    :func:`~mnist_ray.scoring.local_stream`), count them in ``results`` and offer the report's
+    candidate digits to ``digits``."""
     paths = [i.path for i in inputs]
     progress = Progress(len(paths))
-    input_bytes = sum(i.size or 0 for i in inputs)
-    for records in scored_stream(paths, model_file, options, input_bytes=input_bytes):
+    for records in stream:
         files = records[FILE]
         for index in np.unique(files).tolist():
             result = results[paths[index]]

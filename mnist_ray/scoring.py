@@ -23,18 +23,22 @@ file's index in ``file`` and its 1-based data row in ``row``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from queue import Empty, Queue
 
 import numpy as np
 import ray
 
 # mnist_ray first: it selects tf-keras before TensorFlow loads, in every worker that unpickles this module.
 from mnist_ray import artifacts, digit_samples
+from mnist_ray.config import LOCAL_SCORING_MAX_BYTES
 from mnist_ray.csv_format import CsvChunks, RowProblem
 from mnist_ray.schema import IMAGE_SHAPE, NUM_CLASSES, DataValidationError
 
@@ -62,6 +66,17 @@ IN_FLIGHT_BYTES_PER_ACTOR = 256 << 20
 # Input worth starting an actor for: ~9,000 CSV rows, a few seconds of one actor's work (about
 # what loading TensorFlow and the model costs it).
 BYTES_PER_ACTOR = 16 << 20
+# Chunks (CsvChunks.chunk_bytes each) read and validated ahead of inference by the in-process path.
+LOCAL_READ_AHEAD = 2
+
+
+def choose_executor(requested: str, *, address: str | None, use_gpu: bool, input_bytes: int | None) -> str:
+    """``ray`` or ``local`` for ``--executor requested``: ``auto`` is ``local`` only when no cluster
+    is named, no GPU is asked for, and the inputs are known to total at most LOCAL_SCORING_MAX_BYTES."""
+    if requested != "auto":
+        return requested
+    small = input_bytes is not None and input_bytes <= LOCAL_SCORING_MAX_BYTES
+    return "local" if small and not address and not use_gpu else "ray"
 
 
 @dataclass(frozen=True)
@@ -143,6 +158,57 @@ def _bound_memory(context: ray.data.DataContext, options: InferenceOptions) -> N
     limits = context.execution_options.resource_limits
     in_flight = IN_FLIGHT_BYTES_PER_ACTOR * (options.concurrency + 1)
     context.execution_options.resource_limits = limits.copy(object_store_memory=in_flight)
+
+
+def local_stream(paths: list[str], model, options: InferenceOptions) -> Iterator[dict[str, np.ndarray]]:
+    """The records of :func:`scored_stream`, produced in this process with ``model`` (loaded), no Ray.
+
+    For inputs too small to pay for starting Ray and its actors. A thread reads and validates
+    the next chunk while TensorFlow scores this one (both release the GIL for their heavy
+    parts), so the two overlap as they do in the Ray pipeline; the queue between them holds a
+    few chunks, so memory does not grow with the input.
+    """
+    scorer = BatchScorer(model)
+    size = options.batch_size
+    for records in _read_ahead(
+        (chunk for index, path in enumerate(paths) for chunk in file_records(path, index)),
+        depth=LOCAL_READ_AHEAD,
+    ):
+        starts = range(0, len(records[KIND]), size)
+        parts = [scorer({key: value[i:i + size] for key, value in records.items()}) for i in starts]
+        yield {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+
+def _read_ahead(items: Iterator[dict], *, depth: int) -> Iterator[dict]:
+    """``items``, produced by a thread up to ``depth`` ahead of the consumer; its errors re-raised here."""
+    done = object()
+    queue: Queue = Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                queue.put(item)
+        except BaseException as exc:  # handed to the consumer, which raises it
+            queue.put(exc)
+            return
+        queue.put(done)
+
+    thread = threading.Thread(target=produce, name="csv-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while (item := queue.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue, then let it end
+            with contextlib.suppress(Empty):
+                queue.get_nowait()
+            thread.join(timeout=0.1)
 
 
 # --- reading (Ray Data tasks, one per file) -----------------------------------------------------
@@ -228,10 +294,19 @@ class Predictor:
     """Ray Data actor: loads the model once, then scores the image records of every batch."""
 
     def __init__(self, model_ref: list[ray.ObjectRef], cpus: int, use_gpu: bool) -> None:
+        _configure_tensorflow(cpus, use_gpu)
+        self.score = BatchScorer(load_model_file(ray.get(model_ref[0])))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.score(batch)
+
+
+class BatchScorer:
+    """Scores the image records of a batch of records with a loaded model (in an actor or in-process)."""
+
+    def __init__(self, model) -> None:
         import tensorflow as tf
 
-        _configure_tensorflow(cpus, use_gpu)
-        model = load_model_file(ray.get(model_ref[0]))
         # One traced graph for every batch size (the last batch of a file is smaller): ~15% faster
         # than predict_on_batch, which goes through Keras' per-call data handling.
         self.forward = tf.function(

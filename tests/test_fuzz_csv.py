@@ -227,7 +227,8 @@ def catalogue_lines(header: list[str]) -> list[str]:
     return lines
 
 
-def test_a_scoring_job_over_hostile_files_accounts_for_every_row(ray_session, tiny_run, tmp_path):
+@pytest.mark.parametrize("executor", ["ray", "local"])
+def test_a_scoring_job_over_hostile_files_accounts_for_every_row(ray_session, tiny_run, tmp_path, executor):
     inputs, output = tmp_path / "in", tmp_path / "out"
     inputs.mkdir()
     expected: dict[str, tuple[list[bytes], list[str]]] = {}  # path → (data lines, header)
@@ -246,7 +247,7 @@ def test_a_scoring_job_over_hostile_files_accounts_for_every_row(ray_session, ti
     before = sorted(p.name for p in tmp_path.iterdir())
 
     code, stdout = score("--model", str(tiny_run), "--input", str(inputs), "--output", str(output),
-                         "--date", "2026-11-22", "--batch-size", "64")
+                         "--date", "2026-11-22", "--batch-size", "64", "--executor", executor)
 
     assert code == 3, stdout  # rows were rejected: the documented exit code, not a crash
     # Output names never come from input names: nothing beside the output, nothing named after an input.

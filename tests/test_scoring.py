@@ -147,14 +147,24 @@ def score(*args: str) -> tuple[int, str]:
     return code, out.getvalue()
 
 
-@pytest.fixture(scope="module")
-def first_batch(ray_session, tiny_run, inputs, tmp_path_factory) -> dict:
-    output = tmp_path_factory.mktemp("scored") / "out"
+def score_batch_of(inputs: Path, tiny_run: Path, output: Path, executor: str) -> dict:
     code, stdout = score("--model", str(tiny_run), "--input", str(inputs), "--output", str(output),
-                         "--date", DATE, "--batch-size", "16")
+                         "--date", DATE, "--batch-size", "16", "--executor", executor)
     (batch_dir,) = (output / "batches").iterdir()
     return {"code": code, "stdout": stdout, "output": output, "batch_dir": batch_dir,
             "summary": json.loads((batch_dir / "summary.json").read_text())}
+
+
+@pytest.fixture(scope="module")
+def first_batch(ray_session, tiny_run, inputs, tmp_path_factory) -> dict:
+    """The batch through Ray Data (read tasks, an actor pool), on the session's Ray."""
+    return score_batch_of(inputs, tiny_run, tmp_path_factory.mktemp("scored") / "out", "ray")
+
+
+@pytest.fixture(scope="module")
+def local_batch(tiny_run, inputs, tmp_path_factory) -> dict:
+    """The same batch scored in this process (``--executor local``)."""
+    return score_batch_of(inputs, tiny_run, tmp_path_factory.mktemp("scored_locally") / "out", "local")
 
 
 def predictions(output: Path) -> pd.DataFrame:
@@ -241,6 +251,67 @@ def test_predictions_equal_model_predict(first_batch, tiny_run, inputs, mnist_ar
         assert (mine["predicted"].to_numpy() == expected.argmax(axis=1)).all(), name
         np.testing.assert_allclose(mine["confidence"].to_numpy(), expected.max(axis=1), atol=1e-5)
         assert (mine["model_id"] == artifacts.model_id(tiny_run)).all()
+
+
+def test_scoring_in_process_writes_what_ray_writes(first_batch, local_batch):
+    assert (first_batch["summary"]["executor"], local_batch["summary"]["executor"]) == ("ray", "local")
+    assert "inference: in this process (no Ray)" in local_batch["stdout"]
+    assert local_batch["code"] == first_batch["code"] == 3
+    keys = ["source", "row"]
+    ray_rows, local_rows = predictions(first_batch["output"]), predictions(local_batch["output"])
+    assert ray_rows[keys].equals(local_rows[keys])
+    for column in ("image_id", "predicted", "label", "correct"):
+        assert ray_rows[column].equals(local_rows[column]), column
+    np.testing.assert_allclose(local_rows[PROBS].to_numpy(), ray_rows[PROBS].to_numpy(), atol=1e-6)
+    ray_rejects, local_rejects = (
+        rejects(b["output"]).sort_values(keys, na_position="first").reset_index(drop=True)
+        for b in (first_batch, local_batch)
+    )
+    assert ray_rejects[[*keys, "reason", "raw"]].equals(local_rejects[[*keys, "reason", "raw"]])
+    for key in ("total", "inputs"):
+        ray_part, local_part = first_batch["summary"][key], local_batch["summary"][key]
+        assert _without_batch_ids(local_part) == _without_batch_ids(ray_part), key
+
+
+def _without_batch_ids(value):
+    """A summary's part with the file names that hold the batch id (parts) taken out."""
+    if isinstance(value, list):
+        return [_without_batch_ids(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _without_batch_ids(v) for k, v in value.items() if k not in ("predictions", "rejects")}
+    return value
+
+
+@pytest.mark.parametrize(
+    ("flags", "env_address", "size", "expected"),
+    [
+        ([], None, 10 << 20, "local"),
+        ([], None, (256 << 20) + 1, "ray"),  # big enough to pay for starting Ray
+        ([], "127.0.0.1:6379", 10 << 20, "ray"),  # a cluster is named: the job runs there
+        (["--address", "127.0.0.1:6379"], None, 10 << 20, "ray"),
+        (["--use-gpu"], None, 10 << 20, "ray"),  # GPUs are requested by actors
+        (["--executor", "ray"], None, 10 << 20, "ray"),
+        (["--executor", "local"], None, 1 << 40, "local"),
+    ],
+)
+def test_the_executor_auto_picks(flags, env_address, size, expected, monkeypatch):
+    from mnist_ray.cli import score_parser
+    from mnist_ray.scoring import choose_executor
+
+    if env_address is None:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    else:
+        monkeypatch.setenv("RAY_ADDRESS", env_address)
+    args = score_parser().parse_args(["--input", "x.csv", "--output", "out", *flags])
+    picked = choose_executor(args.executor, address=args.address, use_gpu=args.use_gpu, input_bytes=size)
+    assert picked == expected
+
+
+def test_an_input_of_unknown_size_is_scored_with_ray():
+    from mnist_ray.scoring import choose_executor
+
+    assert choose_executor("auto", address=None, use_gpu=False, input_bytes=None) == "ray"
+    assert score_run.input_size(["/no/such/file.csv"]) is None
 
 
 def test_ids_labels_and_correctness(first_batch, inputs, mnist_arrays):
@@ -428,7 +499,7 @@ def test_killed_runs_leave_nothing_partial_and_the_next_run_completes(
     assert (half / "_PUBLISH.json").is_file()
     assert len(list((output / "predictions").rglob("*.parquet"))) == 1  # one of three parts got through
 
-    code, stdout = score(*args[:-2])  # in this process, on the session's Ray
+    code, stdout = score(*args[:-2])  # in this process: it finishes publishing, then finds nothing to score
     assert code == 3
     assert f"finished publishing batch {half.name}" in stdout and "nothing to score" in stdout
     frame = predictions(output)
@@ -499,7 +570,7 @@ def test_help_documents_flags_and_exit_codes():
     result = subprocess.run([sys.executable, str(REPO / "jobs" / "score.py"), "--help"],
                             capture_output=True, text=True, check=True, env={**os.environ, "RAY_ADDRESS": ""})
     for flag in ("--model", "--input", "--output", "--date", "--force", "--submission", "--address",
-                 "--use-gpu", "--batch-size", "--concurrency", "--cpus-per-actor"):
+                 "--use-gpu", "--batch-size", "--concurrency", "--cpus-per-actor", "--executor"):
         assert flag in result.stdout, flag
     codes = result.stdout.split("exit codes:")[1]
     listed = [line.split()[0] for line in codes.splitlines() if line[:3].strip().isdigit()]
@@ -525,3 +596,33 @@ def test_file_records_end_with_the_row_count_and_digest(tmp_path, mnist_arrays):
     drop_csv_column(path, "pixel300")
     (reason,) = [r for b in file_records(str(path), 0) for r in b["reason"][b["kind"] == REJECTED_FILE]]
     assert reason.startswith("missing column(s) pixel300")
+
+
+def test_read_ahead_passes_items_and_errors_on_and_stops_when_abandoned():
+    import itertools
+    import threading
+
+    from mnist_ray.scoring import _read_ahead
+
+    def failing():
+        yield from ({"n": k} for k in range(3))
+        raise OSError("disk gone")
+
+    got = []
+    with pytest.raises(OSError, match="disk gone"):
+        for item in _read_ahead(failing(), depth=2):
+            got.append(item["n"])
+    assert got == [0, 1, 2]  # everything read before the error arrives first
+
+    produced = []
+
+    def endless():
+        for k in itertools.count():
+            produced.append(k)
+            yield {"n": k}
+
+    stream = _read_ahead(endless(), depth=2)
+    assert [next(stream)["n"] for _ in range(3)] == [0, 1, 2]
+    stream.close()  # the consumer stops early (an error downstream): the reading thread must end too
+    assert not [t for t in threading.enumerate() if t.name == "csv-read-ahead"]
+    assert len(produced) <= 3 + 2 + 2  # read ahead by at most the queue's depth (and one in hand)

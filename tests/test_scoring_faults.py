@@ -54,7 +54,7 @@ def test_a_killed_inference_actor_loses_no_row_and_scores_none_twice(
         with contextlib.redirect_stdout(io.StringIO()) as out:
             outcome["code"] = score_main(["--model", str(tiny_run), "--input", str(inputs), "--output",
                                           str(output), "--date", "2026-11-22", "--batch-size", "64",
-                                          "--concurrency", "2"])
+                                          "--concurrency", "2", "--executor", "ray"])
         outcome["stdout"] = out.getvalue()
 
     job = threading.Thread(target=run)
