@@ -290,6 +290,17 @@ def test_class_shift_needs_a_large_and_significant_difference():
     assert shift.p_value < 1e-6 and not shift.flagged
 
 
+def test_class_shift_p_value_is_scipy_stats_chisquare():
+    from scipy.stats import chisquare
+
+    reference = np.array([5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949])
+    share = (reference + 0.5) / (reference + 0.5).sum()
+    for counts in ([100, 120, 90, 80, 110, 95, 105, 100, 98, 102], [40, 2, 2, 2, 2, 2, 2, 2, 1, 1]):
+        counts = np.array(counts)
+        expected = chisquare(counts, f_exp=share * counts.sum()).pvalue
+        assert class_shift(counts, reference).p_value == pytest.approx(expected, rel=1e-9, abs=1e-300)
+
+
 def test_reject_reasons_group_by_kind():
     assert reason_kind("pixel37 is 300, outside 0..255") == "pixelN is N, outside N..N"
     assert reason_kind("pixel5 is '7.5', not an integer") == "pixelN is '…', not an integer"

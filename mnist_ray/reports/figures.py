@@ -20,6 +20,10 @@ RIGHT, WRONG, NEUTRAL = "#1a7f37", "#cf222e", "#24292f"
 TRAIN_COLOUR, VAL_COLOUR, BATCH_COLOUR, REFERENCE_COLOUR = "#0969da", "#bc4c00", "#0969da", "#8c959f"
 DPI = 100
 GRID_COLUMNS = 8
+# Digit grids: cells of CELL_WIDTH × CELL_HEIGHT mosaic pixels, CELL_INCHES wide; the digit sits
+# below a caption band of CAPTION_PIXELS.
+CELL_WIDTH, CELL_HEIGHT, CAPTION_PIXELS, CELL_INCHES = 36, 48, 13, 1.25
+GRID_TITLE_INCHES = 0.45
 
 
 def png_bytes(fig: Figure) -> bytes:
@@ -127,19 +131,20 @@ def digit_grid(
     """
     n = len(images)
     rows = max(1, -(-n // GRID_COLUMNS))
-    height = rows * 1.65 + 0.6
-    # Fixed margins (inches: title 0.6 on top, row numbers 0.25 below), not layout="constrained",
-    # which takes seconds to lay out dozens of axes.
-    fig = Figure(figsize=(GRID_COLUMNS * 1.25, height))
-    fig.subplots_adjust(left=0.01, right=0.99, top=1 - 0.6 / height, bottom=0.25 / height,
-                        wspace=0.1, hspace=0.6)
+    # One image of all the digits in one axes, the captions as text: a small axes per digit (with
+    # its unused ticks) took seconds to build and draw. A cell is CELL_WIDTH × CELL_HEIGHT pixels
+    # of the mosaic: a caption band, the 28×28 digit, a band for its row number.
+    mosaic = np.zeros((rows * CELL_HEIGHT, GRID_COLUMNS * CELL_WIDTH), np.uint8)
+    grid_inches = (GRID_COLUMNS * CELL_INCHES, rows * CELL_HEIGHT / CELL_WIDTH * CELL_INCHES)
+    height = grid_inches[1] + GRID_TITLE_INCHES
+    fig = Figure(figsize=(grid_inches[0], height))
     fig.suptitle(title, fontsize=11, y=1 - 0.1 / height, va="top")
-    axes = np.atleast_1d(fig.subplots(rows, GRID_COLUMNS)).reshape(-1)
-    for k, ax in enumerate(axes):
-        ax.set_axis_off()
-        if k >= n:
-            continue
-        ax.imshow(images[k], cmap="gray_r", vmin=0, vmax=255, interpolation="nearest")
+    ax = fig.add_axes((0, 0, 1, grid_inches[1] / height))
+    ax.set_axis_off()
+    for k in range(n):
+        top, left = (k // GRID_COLUMNS) * CELL_HEIGHT, (k % GRID_COLUMNS) * CELL_WIDTH
+        image_top, image_left = top + CAPTION_PIXELS, left + (CELL_WIDTH - 28) // 2
+        mosaic[image_top:image_top + 28, image_left:image_left + 28] = images[k]
         percent = _percent(confidence[k])
         if labels[k] < 0:
             text, colour = f"{predicted[k]}  {percent}", NEUTRAL
@@ -147,9 +152,12 @@ def digit_grid(
             text, colour = f"{predicted[k]}  {percent}", RIGHT
         else:
             text, colour = f"{predicted[k]}  {percent}\ntrue {labels[k]}", WRONG
-        ax.set_title(text, color=colour, fontsize=9, fontweight="bold", pad=2)
-        ax.text(0.5, -0.02, f"row {rows_in_source[k]:,}", transform=ax.transAxes, ha="center", va="top",
-                fontsize=7, color="#6e7781")
+        centre = left + CELL_WIDTH / 2 - 0.5
+        ax.text(centre, image_top - 1.5, text, color=colour, fontsize=9, fontweight="bold", ha="center",
+                va="bottom")
+        ax.text(centre, image_top + 28, f"row {rows_in_source[k]:,}", ha="center", va="top", fontsize=7,
+                color="#6e7781")
+    ax.imshow(mosaic, cmap="gray_r", vmin=0, vmax=255, interpolation="nearest")
     return fig
 
 

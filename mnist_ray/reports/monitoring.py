@@ -21,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import chisquare
+from scipy.special import chdtrc
 
 from mnist_ray.schema import NUM_CLASSES
 
@@ -61,7 +61,10 @@ def class_shift(batch_counts: np.ndarray, reference_counts: np.ndarray) -> Class
     # Half a pseudo-count: a class absent from a small training set must not have expected count 0.
     expected_share = (reference + 0.5) / (reference + 0.5).sum()
     tvd = 0.5 * float(np.abs(batch_counts / n - reference / max(1.0, reference.sum())).sum())
-    p_value = float(chisquare(batch_counts, f_exp=expected_share * n).pvalue)
+    # Pearson's chi-square test of the batch's counts against the reference shares, as
+    # scipy.stats.chisquare computes it; scipy.special alone imports in a third of the time.
+    expected = expected_share * n
+    p_value = float(chdtrc(NUM_CLASSES - 1, float(((batch_counts - expected) ** 2 / expected).sum())))
     return ClassShift(tvd=tvd, p_value=p_value, flagged=tvd >= SHIFT_TVD and p_value < SHIFT_P_VALUE)
 
 
