@@ -66,8 +66,10 @@ IN_FLIGHT_BYTES_PER_ACTOR = 256 << 20
 # Input worth starting an actor for: ~9,000 CSV rows, a few seconds of one actor's work (about
 # what loading TensorFlow and the model costs it).
 BYTES_PER_ACTOR = 16 << 20
-# Chunks (CsvChunks.chunk_bytes each) read and validated ahead of inference by the in-process path.
-LOCAL_READ_AHEAD = 2
+# Chunks read and validated ahead of inference by the in-process path (~4,400 rows, ~4 MB of
+# records each). Not started before the model has loaded: reading then slowed TensorFlow's
+# import (both hold the GIL for much of their work) by as much as it read ahead.
+LOCAL_READ_AHEAD = 4
 
 
 def choose_executor(requested: str, *, address: str | None, use_gpu: bool, input_bytes: int | None) -> str:
@@ -161,54 +163,69 @@ def _bound_memory(context: ray.data.DataContext, options: InferenceOptions) -> N
 
 
 def local_stream(paths: list[str], model, options: InferenceOptions) -> Iterator[dict[str, np.ndarray]]:
-    """The records of :func:`scored_stream`, produced in this process with ``model`` (loaded), no Ray.
+    """The records of :func:`scored_stream`, scored in this process with ``model`` (loaded), no Ray.
 
-    For inputs too small to pay for starting Ray and its actors. A thread reads and validates
-    the next chunk while TensorFlow scores this one (both release the GIL for their heavy
-    parts), so the two overlap as they do in the Ray pipeline; the queue between them holds a
-    few chunks, so memory does not grow with the input.
+    For inputs too small to pay for starting Ray and its actors. A :class:`ChunkReader` thread
+    reads and validates the next chunks while TensorFlow scores this one (both release the
+    GIL for their heavy parts), so the two overlap as they do in the Ray pipeline.
     """
     scorer = BatchScorer(model)
     size = options.batch_size
-    for records in _read_ahead(
-        (chunk for index, path in enumerate(paths) for chunk in file_records(path, index)),
-        depth=LOCAL_READ_AHEAD,
-    ):
-        starts = range(0, len(records[KIND]), size)
-        parts = [scorer({key: value[i:i + size] for key, value in records.items()}) for i in starts]
-        yield {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+    with ChunkReader(paths) as reader:
+        for records in reader:
+            starts = range(0, len(records[KIND]), size)
+            parts = [scorer({key: value[i:i + size] for key, value in records.items()}) for i in starts]
+            yield {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
 
-def _read_ahead(items: Iterator[dict], *, depth: int) -> Iterator[dict]:
-    """``items``, produced by a thread up to ``depth`` ahead of the consumer; its errors re-raised here."""
-    done = object()
-    queue: Queue = Queue(maxsize=depth)
-    stop = threading.Event()
+class ChunkReader:
+    """The records of :func:`file_records` for ``paths`` in turn, read by a thread up to ``depth``
+    chunks ahead of the consumer (so memory does not grow with the input).
 
-    def produce() -> None:
+    Iterate it once; the thread's errors are raised to the consumer after the records read
+    before them. ``close`` (or leaving a ``with``) stops the thread.
+    """
+
+    def __init__(self, paths: list[str], *, depth: int = LOCAL_READ_AHEAD) -> None:
+        self.paths = list(paths)
+        self._queue: Queue = Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, name="csv-read-ahead", daemon=True)
+        self._thread.start()
+
+    def _produce(self) -> None:
         try:
-            for item in items:
-                if stop.is_set():
-                    return
-                queue.put(item)
+            for index, path in enumerate(self.paths):
+                for records in file_records(path, index):
+                    if self._stop.is_set():
+                        return
+                    self._queue.put(records)
         except BaseException as exc:  # handed to the consumer, which raises it
-            queue.put(exc)
+            self._queue.put(exc)
             return
-        queue.put(done)
+        self._queue.put(None)
 
-    thread = threading.Thread(target=produce, name="csv-read-ahead", daemon=True)
-    thread.start()
-    try:
-        while (item := queue.get()) is not done:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():  # unblock a producer waiting on a full queue, then let it end
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        try:
+            while (item := self._queue.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():  # unblock a producer waiting on a full queue, then let it end
             with contextlib.suppress(Empty):
-                queue.get_nowait()
-            thread.join(timeout=0.1)
+                self._queue.get_nowait()
+            self._thread.join(timeout=0.1)
+
+    def __enter__(self) -> ChunkReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 # --- reading (Ray Data tasks, one per file) -----------------------------------------------------

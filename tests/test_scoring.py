@@ -598,31 +598,25 @@ def test_file_records_end_with_the_row_count_and_digest(tmp_path, mnist_arrays):
     assert reason.startswith("missing column(s) pixel300")
 
 
-def test_read_ahead_passes_items_and_errors_on_and_stops_when_abandoned():
-    import itertools
+def test_the_chunk_reader_passes_records_and_errors_on_and_stops_when_abandoned(tmp_path, mnist_arrays):
     import threading
 
-    from mnist_ray.scoring import _read_ahead
+    from mnist_ray import scoring
+    from mnist_ray.scoring import ChunkReader
 
-    def failing():
-        yield from ({"n": k} for k in range(3))
-        raise OSError("disk gone")
+    small = [str(write_kaggle_csv(tmp_path / f"{k}.csv", mnist_arrays["x_test"][:5])) for k in range(2)]
+    with ChunkReader([*small, str(tmp_path / "gone.csv")]) as reader:
+        got = []
+        with pytest.raises(OSError, match="gone.csv"):
+            for records in reader:
+                got.append((int(records["file"][0]), int(records["kind"][0])))
+    # Everything read before the error comes first: each file's images, then its end.
+    images, end = scoring.IMAGE_ROW, scoring.END_OF_FILE
+    assert got == [(0, images), (0, end), (1, images), (1, end)]
 
-    got = []
-    with pytest.raises(OSError, match="disk gone"):
-        for item in _read_ahead(failing(), depth=2):
-            got.append(item["n"])
-    assert got == [0, 1, 2]  # everything read before the error arrives first
-
-    produced = []
-
-    def endless():
-        for k in itertools.count():
-            produced.append(k)
-            yield {"n": k}
-
-    stream = _read_ahead(endless(), depth=2)
-    assert [next(stream)["n"] for _ in range(3)] == [0, 1, 2]
+    big = write_kaggle_csv(tmp_path / "big.csv", np.tile(mnist_arrays["x_test"][:1000], (20, 1, 1)))
+    reader = ChunkReader([str(big)], depth=2)
+    stream = iter(reader)
+    assert next(stream)["kind"][0] == scoring.IMAGE_ROW
     stream.close()  # the consumer stops early (an error downstream): the reading thread must end too
     assert not [t for t in threading.enumerate() if t.name == "csv-read-ahead"]
-    assert len(produced) <= 3 + 2 + 2  # read ahead by at most the queue's depth (and one in hand)
