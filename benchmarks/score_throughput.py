@@ -10,6 +10,7 @@ For each size, writes an unlabelled Kaggle CSV of that many MNIST test images
   where to score (``--executor auto``: in its own process up to 256 MB of input, else a
   Ray it starts); the executor it picked is printed beside the figures;
 * ``jobs/score.py --executor ray`` (``--jobs ray``): always through Ray Data, on a Ray it starts;
+* ``jobs/score.py --executor local`` (``--jobs local``): always in its own process;
 * ``jobs/score.py --address`` against a Ray that is already running, as a job submitted to
   a cluster is (``--jobs running``: a ``ray start`` head on 127.0.0.1, started once, with
   the machine's CPUs, token authentication on);
@@ -47,7 +48,9 @@ from mnist_ray.data import BUNDLED_MNIST  # noqa: E402
 from tests.ray_cluster import LocalRayCluster  # noqa: E402
 
 # The job's flags in each mode (``running`` adds the running Ray's address), and its name in the tables.
-JOB_FLAGS = {"auto": [], "ray": ["--executor", "ray"], "running": ["--address"]}
+JOB_FLAGS = {
+    "auto": [], "ray": ["--executor", "ray"], "local": ["--executor", "local"], "running": ["--address"]
+}
 JOBS = {mode: " ".join(["jobs/score.py", *flags]) for mode, flags in JOB_FLAGS.items()}
 BASELINE_NAME = "pandas + predict + parquet"
 BASELINE = """
@@ -122,9 +125,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="runs/latest", help="the run directory to score with")
     parser.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
-    parser.add_argument("--jobs", nargs="+", choices=list(JOBS), default=list(JOBS),
+    parser.add_argument("--jobs", nargs="+", choices=list(JOBS), default=["auto", "ray", "running"],
                         help="the job's runs to measure: as cron runs it (auto), always on a Ray it starts "
-                        "(ray), on a Ray already running (running)")
+                        "(ray), always in its own process (local), on a Ray already running (running)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each method per size (medians)")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/mnist_ray_bench"))
     parser.add_argument("--concurrency", type=int, default=None,
