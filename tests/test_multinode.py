@@ -83,6 +83,8 @@ def test_two_workers_train_on_two_nodes_and_the_model_scores(
     assert (batch_dir / "_SUCCESS").is_file()
     summary = json.loads((batch_dir / "summary.json").read_text())
     assert summary["total"]["scored"] == SCORED_ROWS
+    # A small input, but a submitted job has $RAY_ADDRESS: it scores on the cluster, not in its driver.
+    assert summary["executor"] == "ray"
     assert len((scored / "_manifest.jsonl").read_text().splitlines()) == 1
 
 
