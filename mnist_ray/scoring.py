@@ -136,7 +136,8 @@ def scored_stream(
         Predictor,
         # In a list, so that Ray passes the reference itself rather than inlining 2 MB per actor.
         fn_constructor_kwargs={
-            "model_ref": [model_ref], "cpus": options.cpus_per_actor, "use_gpu": options.use_gpu
+            "model_ref": [model_ref], "batch_size": options.batch_size, "cpus": options.cpus_per_actor,
+            "use_gpu": options.use_gpu,
         },
         # As many actors as the input keeps busy start at once (each takes seconds to load
         # TensorFlow and the model: started one after another, they would cost that many times);
@@ -169,13 +170,9 @@ def local_stream(paths: list[str], model, options: InferenceOptions) -> Iterator
     reads and validates the next chunks while TensorFlow scores this one (both release the
     GIL for their heavy parts), so the two overlap as they do in the Ray pipeline.
     """
-    scorer = BatchScorer(model)
-    size = options.batch_size
+    scorer = BatchScorer(model, options.batch_size)
     with ChunkReader(paths) as reader:
-        for records in reader:
-            starts = range(0, len(records[KIND]), size)
-            parts = [scorer({key: value[i:i + size] for key, value in records.items()}) for i in starts]
-            yield {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+        yield from map(scorer, reader)
 
 
 class ChunkReader:
@@ -310,20 +307,23 @@ def _records(
 class Predictor:
     """Ray Data actor: loads the model once, then scores the image records of every batch."""
 
-    def __init__(self, model_ref: list[ray.ObjectRef], cpus: int, use_gpu: bool) -> None:
+    def __init__(self, model_ref: list[ray.ObjectRef], batch_size: int, cpus: int, use_gpu: bool) -> None:
         _configure_tensorflow(cpus, use_gpu)
-        self.score = BatchScorer(load_model_file(ray.get(model_ref[0])))
+        self.score = BatchScorer(load_model_file(ray.get(model_ref[0])), batch_size)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.score(batch)
 
 
 class BatchScorer:
-    """Scores the image records of a batch of records with a loaded model (in an actor or in-process)."""
+    """Scores the image records of a batch of records with a loaded model (in an actor or in-process),
+    at most ``batch_size`` images per inference call (Ray Data's batches are that size already;
+    the in-process path hands over whole chunks)."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, batch_size: int) -> None:
         import tensorflow as tf
 
+        self.batch_size = batch_size
         # One traced graph for every batch size (the last batch of a file is smaller): ~15% faster
         # than predict_on_batch, which goes through Keras' per-call data handling.
         self.forward = tf.function(
@@ -338,7 +338,10 @@ class BatchScorer:
         probs = np.zeros((len(is_image), NUM_CLASSES), np.float32)
         if is_image.any():
             # Raw uint8 pixels: scaling is the model's first layer, as in training.
-            probs[is_image] = self.forward(batch[IMAGE][is_image]).numpy()
+            images, size = batch[IMAGE][is_image], self.batch_size
+            probs[is_image] = np.concatenate(
+                [self.forward(images[i:i + size]).numpy() for i in range(0, len(images), size)]
+            )
         out = {key: value for key, value in batch.items() if key != IMAGE}
         out[PROBS] = probs
         out[PIXELS] = report_candidate_pixels(batch, probs, is_image)
