@@ -19,8 +19,10 @@ For each size, writes an unlabelled Kaggle CSV of that many MNIST test images
 Every 0.5 s it sums the proportional set size (PSS: shared pages counted once,
 from Linux's ``/proc/<pid>/smaps_rollup``) of each run's whole process tree (for
 the job: driver, Ray's daemons, read tasks and actors; against a running Ray, the
-job's driver and all of that Ray's processes) and reports the peak. Wall time
-includes start-up (Ray, TensorFlow imports) for both. It prints a table and
+job's driver and all of that Ray's processes) and reports the peak, and it counts
+the CPU time (user + system) of the same processes: on a shared machine, whose
+wall times vary ±20 % from run to run, the steadier measure of the work done. Wall
+time includes start-up (Ray, TensorFlow imports) for both. It prints a table and
 asserts nothing.
 """
 
@@ -81,18 +83,45 @@ def make_input(path: Path, rows: int) -> None:
 
 def run_measured(
     command: list[str], env: dict[str, str] | None = None, also: Sequence[int] = ()
-) -> tuple[float, float, int]:
-    """(wall seconds, peak PSS in GB, exit code) of ``command``; the PSS is of its process tree
-    and of the trees of the processes ``also`` (a running Ray's nodes)."""
+) -> tuple[float, float, float, int]:
+    """(wall seconds, peak PSS in GB, CPU seconds, exit code) of ``command``.
+
+    The PSS is of its process tree and of the trees of the processes ``also`` (a running
+    Ray's nodes). The CPU seconds (user + system) are the command's own, exact (``wait4``),
+    plus each other process's of those trees as last sampled (a process that ends between
+    two samples loses at most 0.5 s of its count; a running Ray's CPU before the command
+    started is subtracted).
+    """
     started = time.monotonic()
+    before = {pid: _cpu_seconds(pid) for root in also for pid in _tree(root)}
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
-    peak = 0
-    while process.poll() is None:
-        pids = {pid for root in (process.pid, *also) for pid in _tree(root)}
-        peak = max(peak, sum(_pss_bytes(pid) for pid in pids))
+    peak, cpu = 0, {}
+    while True:
+        pids = {pid for root in (process.pid, *also) for pid in _tree(root)} - {process.pid}
+        peak = max(peak, _pss_bytes(process.pid) + sum(_pss_bytes(pid) for pid in pids))
+        cpu.update({pid: seconds for pid in pids if (seconds := _cpu_seconds(pid))})
+        try:
+            # Reaps the command when it has ended, with its exact resource usage.
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if pid:
+            process.returncode = os.waitstatus_to_exitcode(status)
+            break
         time.sleep(0.5)
-    return time.monotonic() - started, peak / 1e9, process.returncode
+    others = sum(seconds - before.get(pid, 0.0) for pid, seconds in cpu.items())
+    return (time.monotonic() - started, peak / 1e9, usage.ru_utime + usage.ru_stime + others,
+            process.returncode)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a live process (fields 14 and 15 of /proc/<pid>/stat)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0  # the process ended meanwhile
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _tree(root: int) -> list[int]:
@@ -153,7 +182,8 @@ def main() -> int:
         for mode in args.jobs:
             job = by_method[JOBS[mode]]
             print(f"{rows:>10,} rows: {JOBS[mode]} at {job['rows_per_s'] / base['rows_per_s']:.2f}× the "
-                  f"baseline's rows/s, {job['peak_gb'] / base['peak_gb']:.2f}× its peak memory")
+                  f"baseline's rows/s, {job['peak_gb'] / base['peak_gb']:.2f}× its peak memory, "
+                  f"{job['cpu_seconds'] / base['cpu_seconds']:.2f}× its CPU time")
     for mode in args.jobs:
         peaks = sorted((r["rows"], r["peak_gb"]) for r in results if r["method"] == JOBS[mode])
         # Flat memory: each size's peak against the next smaller size's.
@@ -168,7 +198,8 @@ def main() -> int:
 def measure(args: argparse.Namespace, cluster: LocalRayCluster | None) -> list[dict]:
     """Run every method on every size, the methods in turn ``--repeats`` times; print a row per run;
     return a row per size and method, with the medians."""
-    print(f"{'rows':>10}  {'method':<30} {'seconds':>8} {'rows/s':>8} {'peak GB':>8}  exit  executor")
+    print(f"{'rows':>10}  {'method':<30} {'seconds':>8} {'rows/s':>8} {'peak GB':>8} {'CPU s':>7}  "
+          "exit  executor")
     results = []
     for rows in args.rows:
         csv = args.work_dir / f"digits-{rows}.csv"
@@ -176,16 +207,18 @@ def measure(args: argparse.Namespace, cluster: LocalRayCluster | None) -> list[d
         runs: dict[str, list[dict]] = {}
         for _ in range(args.repeats):
             for name, (command, env, also, output) in _commands(args, cluster, csv, rows).items():
-                seconds, peak, code = run_measured(command, env, also)
-                run = {"seconds": seconds, "peak_gb": peak, "exit_code": code, "executor": _executor(output)}
+                seconds, peak, cpu, code = run_measured(command, env, also)
+                run = {"seconds": seconds, "peak_gb": peak, "cpu_seconds": cpu, "exit_code": code,
+                       "executor": _executor(output)}
                 runs.setdefault(name, []).append(run)
-                print(f"{rows:>10,}  {name:<30} {seconds:>8.1f} {rows / seconds:>8,.0f} {peak:>8.2f}  "
-                      f"{code:>4}  {run['executor'] or ''}", flush=True)
+                print(f"{rows:>10,}  {name:<30} {seconds:>8.1f} {rows / seconds:>8,.0f} {peak:>8.2f} "
+                      f"{cpu:>7.1f}  {code:>4}  {run['executor'] or ''}", flush=True)
         for name, repeats in runs.items():
             seconds = statistics.median(r["seconds"] for r in repeats)
             results.append({
                 "rows": rows, "method": name, "seconds": seconds, "rows_per_s": rows / seconds,
                 "peak_gb": statistics.median(r["peak_gb"] for r in repeats),
+                "cpu_seconds": statistics.median(r["cpu_seconds"] for r in repeats),
                 "exit_codes": sorted({r["exit_code"] for r in repeats}),
                 "executor": repeats[0]["executor"], "runs": repeats,
             })
