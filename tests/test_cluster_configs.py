@@ -262,11 +262,7 @@ def job_help(script: str) -> str:
 def entrypoint_params():
     for where, argv in ENTRYPOINTS:
         script = argv[1] if len(argv) > 1 else ""
-        marks = []
-        if script == "jobs/tune.py":
-            marks.append(pytest.mark.skipif(not (REPO / script).exists(),
-                                            reason="jobs/tune.py is not merged yet (issue 5)"))
-        yield pytest.param(argv, id=f"{where}:{script}", marks=marks)
+        yield pytest.param(argv, id=f"{where}:{script}")
 
 
 @pytest.mark.parametrize("argv", entrypoint_params())
