@@ -51,6 +51,7 @@ from mnist_ray.scoring import (
     ROW,
     InferenceOptions,
     choose_executor,
+    enable_gpu_memory_growth,
     load_model_file,
     local_stream,
     scored_stream,
@@ -197,6 +198,8 @@ def load_scoring_model(run_dir: Path) -> ScoringModel:
 def check_model_file(path: Path, model_file: bytes):
     """The model in ``model_file``, loaded in safe mode; raises ``RunDirError`` unless it loads and
     maps 28×28 images to 10 classes."""
+    # The first TensorFlow work of the job's process: on a GPU node, before it claims every GPU's memory.
+    enable_gpu_memory_growth()
     try:
         model = load_model_file(model_file)
     except Exception as exc:  # any failure to load means the same thing: this file cannot score
@@ -268,6 +271,9 @@ def stage(
     paths = [i.path for i in readable]
     if readable and local_model is not None:
         print(f"inference: in this process (no Ray), batch size {options.batch_size}", flush=True)
+        if options.concurrency is not None or options.cpus_per_actor != InferenceOptions.cpus_per_actor:
+            print("note: --concurrency and --cpus-per-actor size Ray's actor pool; scoring in this process, "
+                  "TensorFlow uses all of this machine's cores (--executor ray to apply them)", flush=True)
         stream_into(batch, readable, results, digits, local_stream(paths, local_model, options))
     elif readable:
         connect_ray(address)

@@ -383,6 +383,16 @@ def _configure_tensorflow(cpus: int, use_gpu: bool) -> None:
     tf.config.threading.set_intra_op_parallelism_threads(cpus)
     tf.config.threading.set_inter_op_parallelism_threads(max(2, cpus))
     if use_gpu:
-        for gpu in tf.config.list_physical_devices("GPU"):
-            # Without this TensorFlow takes all GPU memory up front.
-            tf.config.experimental.set_memory_growth(gpu, True)
+        enable_gpu_memory_growth()
+
+
+def enable_gpu_memory_growth() -> None:
+    """Let TensorFlow take GPU memory as it needs it, not all of it up front (before any op runs).
+
+    In the actors, so that those sharing a GPU node can all load; in the job's own process
+    (safe-mode check, in-process scoring), so that it does not starve the actors beside it.
+    """
+    import tensorflow as tf
+
+    for gpu in tf.config.list_physical_devices("GPU"):
+        tf.config.experimental.set_memory_growth(gpu, True)
