@@ -273,6 +273,15 @@ def test_scoring_in_process_writes_what_ray_writes(first_batch, local_batch):
         assert _without_batch_ids(local_part) == _without_batch_ids(ray_part), key
 
 
+def test_actor_pool_flags_say_they_do_not_apply_in_process(local_batch, tiny_run, mnist_arrays, tmp_path):
+    assert "note: --concurrency" not in local_batch["stdout"]
+    digits = write_kaggle_csv(tmp_path / "digits.csv", mnist_arrays["x_test"][:5])
+    code, stdout = score("--model", str(tiny_run), "--input", str(digits), "--output", str(tmp_path / "out"),
+                         "--executor", "local", "--concurrency", "2")
+    assert code == 0
+    assert "note: --concurrency and --cpus-per-actor size Ray's actor pool" in stdout
+
+
 def _without_batch_ids(value):
     """A summary's part with the file names that hold the batch id (parts) taken out."""
     if isinstance(value, list):
