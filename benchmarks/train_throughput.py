@@ -116,17 +116,22 @@ def main() -> int:
             for workers in args.workers:
                 rates.setdefault(f"{workers}", []).append(
                     mnist_ray_rates(args.images, args.epochs, workers, args.global_batch, Path(tmp)))
-    base = steady(rates.pop("baseline"))
+    baselines = rates.pop("baseline")
+    base = steady(baselines)
     rows.append({"method": "plain tf-keras model.fit", "workers": 0, "images_per_s": base, "ratio": 1.0})
     for workers, measured in rates.items():
         value = steady(measured)
         rows.append({"method": f"mnist_ray, {workers} worker(s)", "workers": int(workers),
-                     "images_per_s": value, "ratio": value / base})
+                     "images_per_s": value, "ratio": value / base,
+                     # Each repeat against the baseline run just before it: how far the load drifted.
+                     "ratio_by_repeat": [steady([job]) / steady([plain])
+                                         for job, plain in zip(measured, baselines, strict=True)]})
     print(f"\n{train_images:,} images/epoch, {args.epochs} epochs, global batch {args.global_batch}, "
           f"{args.repeats} repeat(s); median images/s of epochs 2..")
-    print(f"{'method':<28} {'images/s':>9} {'× baseline':>11}")
+    print(f"{'method':<28} {'images/s':>9} {'× baseline':>11}  repeat by repeat")
     for row in rows:
-        print(f"{row['method']:<28} {row['images_per_s']:>9,.0f} {row['ratio']:>11.2f}")
+        by_repeat = ", ".join(f"{ratio:.2f}" for ratio in row.get("ratio_by_repeat", []))
+        print(f"{row['method']:<28} {row['images_per_s']:>9,.0f} {row['ratio']:>11.2f}  {by_repeat}")
     payload = {"machine": info, "train_images": train_images, "epochs": args.epochs,
                "global_batch": args.global_batch, "repeats": args.repeats, "results": rows}
     if args.time_to_accuracy:
