@@ -54,6 +54,7 @@ JOB_FLAGS = {
     "auto": [], "ray": ["--executor", "ray"], "local": ["--executor", "local"], "running": ["--address"]
 }
 JOBS = {mode: " ".join(["jobs/score.py", *flags]) for mode, flags in JOB_FLAGS.items()}
+TICKS = os.sysconf("SC_CLK_TCK")
 BASELINE_NAME = "pandas + predict + parquet"
 BASELINE = """
 import sys, numpy as np, pandas as pd
@@ -93,19 +94,18 @@ def run_measured(
     started is subtracted).
     """
     started = time.monotonic()
-    before = {pid: _cpu_seconds(pid) for root in also for pid in _tree(root)}
+    at_start = _processes()
+    before = {pid: at_start[pid][1] for pid in _trees(also, at_start) if pid in at_start}
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     peak, cpu = 0, {}
     while True:
-        pids = {pid for root in (process.pid, *also) for pid in _tree(root)} - {process.pid}
-        peak = max(peak, _pss_bytes(process.pid) + sum(_pss_bytes(pid) for pid in pids))
-        cpu.update({pid: seconds for pid in pids if (seconds := _cpu_seconds(pid))})
-        try:
-            # Reaps the command when it has ended, with its exact resource usage.
-            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
-        except ChildProcessError:
-            break
+        processes = _processes()
+        pids = _trees([process.pid, *also], processes)
+        peak = max(peak, sum(_pss_bytes(pid) for pid in pids))
+        cpu.update({pid: processes[pid][1] for pid in pids - {process.pid} if pid in processes})
+        # Reaps the command when it has ended, with its exact resource usage.
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
         if pid:
             process.returncode = os.waitstatus_to_exitcode(status)
             break
@@ -115,28 +115,26 @@ def run_measured(
             process.returncode)
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a live process (fields 14 and 15 of /proc/<pid>/stat)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return 0.0  # the process ended meanwhile
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _tree(root: int) -> list[int]:
-    """``root`` and all its descendants, from the parent ids in /proc."""
-    parents = {}
+def _processes() -> dict[int, tuple[int, float]]:
+    """Every process's (parent id, user + system CPU seconds), from /proc/<pid>/stat."""
+    processes = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            # The command name (field 2) may hold spaces; the parent id follows its closing parenthesis.
-            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            # The command name (field 2) may hold spaces; fields 4 (parent), 14 and 15 (CPU ticks)
+            # follow its closing parenthesis.
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            processes[int(stat.parent.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / TICKS)
         except (OSError, IndexError, ValueError):
-            continue
-    tree, frontier = [root], [root]
+            continue  # the process ended meanwhile
+    return processes
+
+
+def _trees(roots: Sequence[int], processes: dict[int, tuple[int, float]]) -> set[int]:
+    """``roots`` and all their descendants."""
+    tree, frontier = set(roots), set(roots)
     while frontier:
-        frontier = [pid for pid, parent in parents.items() if parent in frontier]
-        tree += frontier
+        frontier = {pid for pid, (parent, _) in processes.items() if parent in frontier} - tree
+        tree |= frontier
     return tree
 
 
