@@ -395,4 +395,7 @@ def enable_gpu_memory_growth() -> None:
     import tensorflow as tf
 
     for gpu in tf.config.list_physical_devices("GPU"):
-        tf.config.experimental.set_memory_growth(gpu, True)
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:
+            return  # TensorFlow already ran in this process (its devices are set): too late, and harmless
