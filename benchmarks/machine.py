@@ -7,10 +7,13 @@ import os
 import platform
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
+STEAL = 7  # in /proc/stat: user nice system idle iowait irq softirq steal (guest time is in user)
 
 
 def machine() -> dict:
@@ -38,6 +41,27 @@ def machine() -> dict:
         "tensorflow": versions[1] if len(versions) > 1 else None,
         "commit": commit or None,
     }
+
+
+@contextmanager
+def host_steal() -> Iterator[dict]:
+    """Yields a dict that holds, once the block has run, ``steal``: the share of this machine's CPU
+    time that its hypervisor gave to other guests meanwhile (``steal`` of ``/proc/stat``).
+
+    A virtual machine's neighbours take whole CPUs away for moments at a time; a run that lost
+    more of them than the runs it is compared with is slower for reasons that are not its own.
+    """
+    before, measured = _cpu_ticks(), {}
+    yield measured
+    after = _cpu_ticks()
+    total = sum(after) - sum(before)
+    measured["steal"] = (after[STEAL] - before[STEAL]) / total if total else 0.0
+
+
+
+def _cpu_ticks() -> list[int]:
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:STEAL + 2]
+    return [int(value) for value in fields]
 
 
 def describe(info: dict) -> str:

@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from machine import REPO, describe, machine, write_results
+from machine import REPO, describe, host_steal, machine, write_results
 
 VAL_FRACTION = 0.1  # jobs/train.py's default: --limit N trains on N × (1 - this) images
 TARGET_ACCURACY = 0.99
@@ -76,9 +76,9 @@ def mnist_ray_rates(limit: int, epochs: int, workers: int, global_batch: int, wo
     return [epoch["images_per_s"] for epoch in json.loads((run_dir / "history.json").read_text())]
 
 
-def steady(rates: list[list[float]]) -> float:
-    """The median over every repeat's epochs after the first."""
-    return statistics.median(rate for repeat in rates for rate in (repeat[1:] or repeat))
+def steady(runs: list[dict]) -> float:
+    """The median over every run's epochs after the first."""
+    return statistics.median(rate for run in runs for rate in run["images_per_s"][1:] or run["images_per_s"])
 
 
 def time_to_accuracy(run_dir: Path) -> dict:
@@ -109,28 +109,38 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="train-bench-") as tmp:
         # Interleaved (baseline, workers..., baseline, ...): drifting load hits every method alike.
-        rates: dict[str, list[list[float]]] = {}
+        runs: dict[str, list[dict]] = {}
         for _ in range(args.repeats):
-            rates.setdefault("baseline", []).append(
-                baseline_rates(train_images, args.epochs, args.global_batch))
+            with host_steal() as steal:
+                rates = baseline_rates(train_images, args.epochs, args.global_batch)
+            runs.setdefault("baseline", []).append({"images_per_s": rates, "host_steal": steal["steal"]})
             for workers in args.workers:
-                rates.setdefault(f"{workers}", []).append(
-                    mnist_ray_rates(args.images, args.epochs, workers, args.global_batch, Path(tmp)))
-    baselines = rates.pop("baseline")
+                with host_steal() as steal:
+                    rates = mnist_ray_rates(args.images, args.epochs, workers, args.global_batch, Path(tmp))
+                run = {"images_per_s": rates, "host_steal": steal["steal"]}
+                runs.setdefault(f"{workers}", []).append(run)
+    baselines = runs.pop("baseline")
     base = steady(baselines)
-    rows.append({"method": "plain tf-keras model.fit", "workers": 0, "images_per_s": base, "ratio": 1.0})
-    for workers, measured in rates.items():
+    rows.append({"method": "plain tf-keras model.fit", "workers": 0, "images_per_s": base, "ratio": 1.0,
+                 "runs": baselines})
+    for workers, measured in runs.items():
         value = steady(measured)
         rows.append({"method": f"mnist_ray, {workers} worker(s)", "workers": int(workers),
                      "images_per_s": value, "ratio": value / base,
                      # Each repeat against the baseline run just before it: how far the load drifted.
                      "ratio_by_repeat": [steady([job]) / steady([plain])
-                                         for job, plain in zip(measured, baselines, strict=True)]})
+                                         for job, plain in zip(measured, baselines, strict=True)],
+                     "runs": measured})
     print(f"\n{train_images:,} images/epoch, {args.epochs} epochs, global batch {args.global_batch}, "
           f"{args.repeats} repeat(s); median images/s of epochs 2..")
-    print(f"{'method':<28} {'images/s':>9} {'× baseline':>11}  repeat by repeat")
+    print(f"{'method':<28} {'images/s':>9} {'× baseline':>11}  repeat by repeat (host steal during the run)")
     for row in rows:
-        by_repeat = ", ".join(f"{ratio:.2f}" for ratio in row.get("ratio_by_repeat", []))
+        cells = []
+        ratios = row.get("ratio_by_repeat") or [None] * len(row["runs"])
+        for ratio, run in zip(ratios, row["runs"], strict=True):
+            figure = f"{ratio:.2f}" if ratio is not None else f"{steady([run]):,.0f}/s"
+            cells.append(f"{figure} ({run['host_steal']:.0%})")
+        by_repeat = ", ".join(cells)
         print(f"{row['method']:<28} {row['images_per_s']:>9,.0f} {row['ratio']:>11.2f}  {by_repeat}")
     payload = {"machine": info, "train_images": train_images, "epochs": args.epochs,
                "global_batch": args.global_batch, "repeats": args.repeats, "results": rows}

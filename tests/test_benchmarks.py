@@ -51,4 +51,8 @@ def test_training_benchmark_measures_workers_and_the_baseline(ray_head, tmp_path
     assert set(rows) == {0, 1} and rows[0]["ratio"] == 1.0
     assert rows[1]["images_per_s"] > 0
     assert rows[1]["ratio"] == rows[1]["images_per_s"] / rows[0]["images_per_s"]
+    # Every run's own epochs (2 here) and how much CPU the host took from the machine meanwhile.
+    for row in rows.values():
+        (run,) = row["runs"]
+        assert len(run["images_per_s"]) == 2 and 0.0 <= run["host_steal"] < 1.0
     assert payload["train_images"] == 540 and payload["machine"]["cpus"] >= 1
