@@ -58,7 +58,6 @@ def host_steal() -> Iterator[dict]:
     measured["steal"] = (after[STEAL] - before[STEAL]) / total if total else 0.0
 
 
-
 def _cpu_ticks() -> list[int]:
     fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:STEAL + 2]
     return [int(value) for value in fields]
