@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -23,13 +24,35 @@ from pathlib import Path
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
+# Ports handed out by this process, never handed out twice: the OS may return the same free
+# port to two bind-and-close probes in a row, and Ray refuses to start when two of its
+# components are given one port (seen in CI: the node manager's and the dashboard agent's).
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free on 127.0.0.1 now that this process has not handed out before."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
+
+
+def _worker_ports() -> range:
+    """100 ports for a node's workers, apart from every other node's and below Linux's default
+    ephemeral range (32768-60999), where no free_port() falls."""
+    while True:
+        ports = range(base := random.randrange(10_000, 32_000, 100), base + 100)
+        if _GIVEN.isdisjoint(ports):
+            _GIVEN.update(ports)
+            return ports
 
 
 def _node_ports() -> list[str]:
+    workers = _worker_ports()
     return [
         f"--node-manager-port={free_port()}",
         f"--object-manager-port={free_port()}",
@@ -37,8 +60,8 @@ def _node_ports() -> list[str]:
         f"--dashboard-agent-grpc-port={free_port()}",
         f"--dashboard-agent-listen-port={free_port()}",
         f"--metrics-export-port={free_port()}",
-        f"--min-worker-port={(base := free_port() // 100 * 100 % 50000 + 10000)}",
-        f"--max-worker-port={base + 99}",
+        f"--min-worker-port={workers.start}",
+        f"--max-worker-port={workers.stop - 1}",
     ]
 
 
