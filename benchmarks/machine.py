@@ -7,8 +7,6 @@ import os
 import platform
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,24 +41,21 @@ def machine() -> dict:
     }
 
 
-@contextmanager
-def host_steal() -> Iterator[dict]:
-    """Yields a dict that holds, once the block has run, ``steal``: the share of this machine's CPU
-    time that its hypervisor gave to other guests meanwhile (``steal`` of ``/proc/stat``).
+def cpu_ticks() -> list[int]:
+    """The machine's CPU time so far, in clock ticks, by kind (the first line of ``/proc/stat``)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:STEAL + 2]
+    return [int(value) for value in fields]
+
+
+def host_steal(before: list[int], after: list[int]) -> float:
+    """The share of the machine's CPU time between two ``cpu_ticks()`` that its hypervisor gave
+    to other guests (``steal``).
 
     A virtual machine's neighbours take whole CPUs away for moments at a time; a run that lost
     more of them than the runs it is compared with is slower for reasons that are not its own.
     """
-    before, measured = _cpu_ticks(), {}
-    yield measured
-    after = _cpu_ticks()
     total = sum(after) - sum(before)
-    measured["steal"] = (after[STEAL] - before[STEAL]) / total if total else 0.0
-
-
-def _cpu_ticks() -> list[int]:
-    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:STEAL + 2]
-    return [int(value) for value in fields]
+    return (after[STEAL] - before[STEAL]) / total if total else 0.0
 
 
 def describe(info: dict) -> str:

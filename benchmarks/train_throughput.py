@@ -23,9 +23,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
-from machine import REPO, describe, host_steal, machine, write_results
+from machine import REPO, cpu_ticks, describe, host_steal, machine, write_results
 
 VAL_FRACTION = 0.1  # jobs/train.py's default: --limit N trains on N × (1 - this) images
 TARGET_ACCURACY = 0.99
@@ -76,6 +77,13 @@ def mnist_ray_rates(limit: int, epochs: int, workers: int, global_batch: int, wo
     return [epoch["images_per_s"] for epoch in json.loads((run_dir / "history.json").read_text())]
 
 
+def record_run(rates: Callable[..., list[float]], *args) -> dict:
+    """One run of ``rates(*args)``: its images/s epoch by epoch, and the host's steal while it ran."""
+    before = cpu_ticks()
+    images_per_s = rates(*args)
+    return {"images_per_s": images_per_s, "host_steal": host_steal(before, cpu_ticks())}
+
+
 def steady(runs: list[dict]) -> float:
     """The median over every run's epochs after the first."""
     return statistics.median(rate for run in runs for rate in run["images_per_s"][1:] or run["images_per_s"])
@@ -111,14 +119,11 @@ def main() -> int:
         # Interleaved (baseline, workers..., baseline, ...): drifting load hits every method alike.
         runs: dict[str, list[dict]] = {}
         for _ in range(args.repeats):
-            with host_steal() as steal:
-                rates = baseline_rates(train_images, args.epochs, args.global_batch)
-            runs.setdefault("baseline", []).append({"images_per_s": rates, "host_steal": steal["steal"]})
+            runs.setdefault("baseline", []).append(
+                record_run(baseline_rates, train_images, args.epochs, args.global_batch))
             for workers in args.workers:
-                with host_steal() as steal:
-                    rates = mnist_ray_rates(args.images, args.epochs, workers, args.global_batch, Path(tmp))
-                run = {"images_per_s": rates, "host_steal": steal["steal"]}
-                runs.setdefault(f"{workers}", []).append(run)
+                runs.setdefault(f"{workers}", []).append(record_run(
+                    mnist_ray_rates, args.images, args.epochs, workers, args.global_batch, Path(tmp)))
     baselines = runs.pop("baseline")
     base = steady(baselines)
     rows.append({"method": "plain tf-keras model.fit", "workers": 0, "images_per_s": base, "ratio": 1.0,
