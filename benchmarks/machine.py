@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+TICKS = os.sysconf("SC_CLK_TCK")
 RESULTS_DIR = REPO / "benchmarks" / "results"
 STEAL = 7  # in /proc/stat: user nice system idle iowait irq softirq steal (guest time is in user)
 
@@ -70,3 +71,26 @@ def write_results(name: str, payload: dict, destination: Path | None = None) -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+def processes() -> dict[int, tuple[int, float]]:
+    """Every process's (parent id, user + system CPU seconds), from /proc/<pid>/stat."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # The command name (field 2) may hold spaces; fields 4 (parent), 14 and 15 (CPU ticks)
+            # follow its closing parenthesis.
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            found[int(stat.parent.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / TICKS)
+        except (OSError, IndexError, ValueError):
+            continue  # the process ended meanwhile
+    return found
+
+
+def trees(roots, found: dict[int, tuple[int, float]]) -> set[int]:
+    """``roots`` and all their descendants among ``found`` (:func:`processes`)."""
+    tree, frontier = set(roots), set(roots)
+    while frontier:
+        frontier = {pid for pid, (parent, _) in found.items() if parent in frontier} - tree
+        tree |= frontier
+    return tree

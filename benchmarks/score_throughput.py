@@ -11,12 +11,20 @@ For each size, writes an unlabelled Kaggle CSV of that many MNIST test images
   Ray it starts); the executor it picked is printed beside the figures;
 * ``jobs/score.py --executor ray`` (``--jobs ray``): always through Ray Data, on a Ray it starts;
 * ``jobs/score.py --executor local`` (``--jobs local``): always in its own process;
+* ``jobs/score.py --int8`` (``--jobs int8``): as cron runs it, with the model's int8 copy
+  (``model.int8.onnx``); its own model-bound limit (c8) is then measured too;
 * ``jobs/score.py --address`` against a Ray that is already running, as a job submitted to
   a cluster is (``--jobs running``: a ``ray start`` head on 127.0.0.1, started once, with
   the machine's CPUs, token authentication on);
-* the baseline: ``pandas.read_csv`` + ``model.predict`` + ``DataFrame.to_parquet``.
+* (a) the baseline, what a user writes today: ``pandas.read_csv`` + tf-keras
+  ``model.predict`` + ``DataFrame.to_parquet``;
+* (b) the same with onnxruntime (the run's model.onnx, threads left to onnxruntime) instead
+  of TensorFlow;
+* (c) onnxruntime's predict-only rate on preloaded arrays (the same images, batch 1,024, a
+  session as the job's in-process path makes it): the model-bound limit of this machine,
+  timed around the predictions alone.
 
-Every 0.5 s it sums the proportional set size (PSS: shared pages counted once,
+Every 0.5 s (0.1 s in a run's first 2 s) it sums the proportional set size (PSS: shared pages counted once,
 from Linux's ``/proc/<pid>/smaps_rollup``) of each run's whole process tree (for
 the job: driver, Ray's daemons, read tasks and actors; against a running Ray, the
 job's driver and all of that Ray's processes) and reports the peak, and it counts
@@ -43,24 +51,27 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from machine import describe, machine, write_results  # noqa: E402
+from machine import describe, machine, processes, trees, write_results  # noqa: E402
 
-from mnist_ray.csv_format import write_kaggle_csv  # noqa: E402
-from mnist_ray.data import BUNDLED_MNIST  # noqa: E402
-from tests.ray_cluster import LocalRayCluster  # noqa: E402
+from mnist_ray.data.csv_reader import write_kaggle_csv  # noqa: E402
+from mnist_ray.data.sources import BUNDLED_MNIST  # noqa: E402
+from mnist_ray.local_cluster import LocalRayCluster  # noqa: E402
 
 # The job's flags in each mode (``running`` adds the running Ray's address), and its name in the tables.
 JOB_FLAGS = {
-    "auto": [], "ray": ["--executor", "ray"], "local": ["--executor", "local"], "running": ["--address"]
+    "auto": [], "ray": ["--executor", "ray"], "local": ["--executor", "local"], "int8": ["--int8"],
+    "running": ["--address"],
 }
 JOBS = {mode: " ".join(["jobs/score.py", *flags]) for mode, flags in JOB_FLAGS.items()}
-TICKS = os.sysconf("SC_CLK_TCK")
 BASELINE_NAME = "pandas + predict + parquet"
+ONNX_BASELINE_NAME = "pandas + onnxruntime + parquet"
+PREDICT_ONLY_NAME = "onnxruntime predict only"
+INT8_PREDICT_ONLY_NAME = "onnxruntime int8 predict only"
 BASELINE = """
 import sys, numpy as np, pandas as pd
 import mnist_ray
 from mnist_ray import artifacts
-from mnist_ray.schema import PIXEL_COLUMNS
+from mnist_ray.data.schema import PIXEL_COLUMNS
 csv, run_dir, destination = sys.argv[1:]
 frame = pd.read_csv(csv, dtype=np.uint8)
 images = frame[PIXEL_COLUMNS].to_numpy().reshape(-1, 28, 28)
@@ -69,6 +80,33 @@ probs = artifacts.load_model(run_dir).predict(images, batch_size=1024, verbose=0
 columns = {"row": np.arange(1, len(images) + 1), "predicted": probs.argmax(axis=1)}
 columns.update({"confidence": probs.max(axis=1), **{f"prob_{k}": probs[:, k] for k in range(10)}})
 pd.DataFrame(columns).to_parquet(destination)
+"""
+ONNX_BASELINE = """
+import sys, numpy as np, pandas as pd, onnxruntime as ort
+csv, run_dir, destination = sys.argv[1:]
+session = ort.InferenceSession(f"{run_dir}/model.onnx", providers=["CPUExecutionProvider"])
+frame = pd.read_csv(csv, dtype=np.uint8)
+images = frame[[f"pixel{k}" for k in range(784)]].to_numpy().reshape(-1, 28, 28)
+del frame
+probs = np.concatenate([session.run(["probs"], {"pixels": images[i:i + 1024]})[0]
+                        for i in range(0, len(images), 1024)])
+columns = {"row": np.arange(1, len(images) + 1), "predicted": probs.argmax(axis=1)}
+columns.update({"confidence": probs.max(axis=1), **{f"prob_{k}": probs[:, k] for k in range(10)}})
+pd.DataFrame(columns).to_parquet(destination)
+"""
+PREDICT_ONLY = """
+import sys, time, numpy as np
+from mnist_ray import onnx_model
+from mnist_ray.data.sources import BUNDLED_MNIST
+run_dir, rows, model_file = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+with np.load(BUNDLED_MNIST) as npz:
+    images = np.resize(npz["x_test"], (rows, 28, 28))
+with open(f"{run_dir}/{model_file}", "rb") as f:
+    session = onnx_model.session(f.read(), threads=None)
+onnx_model.predict(session, images[:1024], 1024)  # warm-up
+started = time.perf_counter()
+onnx_model.predict(session, images, 1024)
+print(rows / (time.perf_counter() - started))
 """
 
 
@@ -94,48 +132,27 @@ def run_measured(
     started is subtracted).
     """
     started = time.monotonic()
-    at_start = _processes()
-    before = {pid: at_start[pid][1] for pid in _trees(also, at_start) if pid in at_start}
+    at_start = processes()
+    before = {pid: at_start[pid][1] for pid in trees(also, at_start) if pid in at_start}
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     peak, cpu = 0, {}
     while True:
-        processes = _processes()
-        pids = _trees([process.pid, *also], processes)
+        now = processes()
+        pids = trees([process.pid, *also], now)
         peak = max(peak, sum(_pss_bytes(pid) for pid in pids))
-        cpu.update({pid: processes[pid][1] for pid in pids - {process.pid} if pid in processes})
+        cpu.update({pid: now[pid][1] for pid in pids - {process.pid} if pid in now})
         # Reaps the command when it has ended, with its exact resource usage.
         pid, status, usage = os.wait4(process.pid, os.WNOHANG)
         if pid:
             process.returncode = os.waitstatus_to_exitcode(status)
             break
-        time.sleep(0.5)
+        # Often at first: a short run (the small baselines end in ~0.5 s) would otherwise be sampled
+        # once, before it had imported anything (seen: a peak of 2.5 MB).
+        time.sleep(0.1 if time.monotonic() - started < 2 else 0.5)
     others = sum(seconds - before.get(pid, 0.0) for pid, seconds in cpu.items())
     return (time.monotonic() - started, peak / 1e9, usage.ru_utime + usage.ru_stime + others,
             process.returncode)
-
-
-def _processes() -> dict[int, tuple[int, float]]:
-    """Every process's (parent id, user + system CPU seconds), from /proc/<pid>/stat."""
-    processes = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            # The command name (field 2) may hold spaces; fields 4 (parent), 14 and 15 (CPU ticks)
-            # follow its closing parenthesis.
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            processes[int(stat.parent.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / TICKS)
-        except (OSError, IndexError, ValueError):
-            continue  # the process ended meanwhile
-    return processes
-
-
-def _trees(roots: Sequence[int], processes: dict[int, tuple[int, float]]) -> set[int]:
-    """``roots`` and all their descendants."""
-    tree, frontier = set(roots), set(roots)
-    while frontier:
-        frontier = {pid for pid, (parent, _) in processes.items() if parent in frontier} - tree
-        tree |= frontier
-    return tree
 
 
 def _pss_bytes(pid: int) -> int:
@@ -154,7 +171,8 @@ def main() -> int:
     parser.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--jobs", nargs="+", choices=list(JOBS), default=["auto", "ray", "running"],
                         help="the job's runs to measure: as cron runs it (auto), always on a Ray it starts "
-                        "(ray), always in its own process (local), on a Ray already running (running)")
+                        "(ray), always in its own process (local), as cron runs it with the int8 copy "
+                        "(int8), on a Ray already running (running)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each method per size (medians)")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/mnist_ray_bench"))
     parser.add_argument("--concurrency", type=int, default=None,
@@ -176,11 +194,16 @@ def main() -> int:
     print()
     for rows in args.rows:
         by_method = {r["method"]: r for r in results if r["rows"] == rows}
-        base = by_method[BASELINE_NAME]
+        base, onnx_base = by_method[BASELINE_NAME], by_method[ONNX_BASELINE_NAME]
+        limit = by_method[PREDICT_ONLY_NAME]
         for mode in args.jobs:
             job = by_method[JOBS[mode]]
+            int8_limit = by_method.get(INT8_PREDICT_ONLY_NAME) if mode == "int8" else None
+            own_limit = f", {job['rows_per_s'] / int8_limit['rows_per_s']:.2f}× (c8)" if int8_limit else ""
             print(f"{rows:>10,} rows: {JOBS[mode]} at {job['rows_per_s'] / base['rows_per_s']:.2f}× the "
-                  f"baseline's rows/s, {job['peak_gb'] / base['peak_gb']:.2f}× its peak memory, "
+                  f"baseline's rows/s (a), {job['rows_per_s'] / onnx_base['rows_per_s']:.2f}× (b)'s, "
+                  f"{job['rows_per_s'] / limit['rows_per_s']:.2f}× (c), the model-bound limit{own_limit}; "
+                  f"{job['peak_gb'] / base['peak_gb']:.2f}× (a)'s peak memory, "
                   f"{job['cpu_seconds'] / base['cpu_seconds']:.2f}× its CPU time")
     for mode in args.jobs:
         peaks = sorted((r["rows"], r["peak_gb"]) for r in results if r["method"] == JOBS[mode])
@@ -211,6 +234,15 @@ def measure(args: argparse.Namespace, cluster: LocalRayCluster | None) -> list[d
                 runs.setdefault(name, []).append(run)
                 print(f"{rows:>10,}  {name:<30} {seconds:>8.1f} {rows / seconds:>8,.0f} {peak:>8.2f} "
                       f"{cpu:>7.1f}  {code:>4}  {run['executor'] or ''}", flush=True)
+        limits = {PREDICT_ONLY_NAME: "model.onnx"}
+        if "int8" in args.jobs:
+            limits[INT8_PREDICT_ONLY_NAME] = "model.int8.onnx"
+        for name, model_file in limits.items():
+            rates = [predict_only_rate(args.model, rows, model_file) for _ in range(args.repeats)]
+            rate = statistics.median(rates)
+            print(f"{rows:>10,}  {name:<30} {rows / rate:>8.1f} {rate:>8,.0f}", flush=True)
+            results.append({"rows": rows, "method": name, "seconds": rows / rate, "rows_per_s": rate,
+                            "runs": [{"rows_per_s": r} for r in rates]})
         for name, repeats in runs.items():
             seconds = statistics.median(r["seconds"] for r in repeats)
             results.append({
@@ -239,12 +271,19 @@ def _commands(
             commands[JOBS[mode]] = (job, cluster.env, [p.pid for p in cluster.processes], output)
         else:
             commands[JOBS[mode]] = (job, None, [], output)
-    commands[BASELINE_NAME] = (
-        [sys.executable, "-c", BASELINE, str(csv), args.model,
-         str(args.work_dir / f"baseline-{rows}.parquet")],
-        None, [], None,
-    )
+    for name, script in ((BASELINE_NAME, BASELINE), (ONNX_BASELINE_NAME, ONNX_BASELINE)):
+        destination = args.work_dir / f"baseline-{rows}-{len(commands)}.parquet"
+        command = [sys.executable, "-c", script, str(csv), args.model, str(destination)]
+        commands[name] = (command, None, [], None)
     return commands
+
+
+def predict_only_rate(model: str, rows: int, model_file: str = "model.onnx") -> float:
+    """(c), or (c8) for the int8 copy: onnxruntime's images/s on preloaded arrays, the predictions
+    alone timed."""
+    out = subprocess.run([sys.executable, "-c", PREDICT_ONLY, model, str(rows), model_file], cwd=REPO,
+                         capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def _executor(output: Path | None) -> str | None:

@@ -14,8 +14,8 @@ from pathlib import Path
 # Under `ray job submit --working-dir .` the package is not installed, only uploaded.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mnist_ray.csv_format import write_kaggle_csv  # noqa: E402
-from mnist_ray.data import BUNDLED_MNIST, load_npz  # noqa: E402
+from mnist_ray.data.csv_reader import write_kaggle_csv  # noqa: E402
+from mnist_ray.data.sources import BUNDLED_MNIST, load_npz  # noqa: E402
 
 
 def main() -> int:

@@ -4,7 +4,12 @@
 runs/<timestamp>/
   config.json     the full configuration (what --resume reads back)
   model.keras     the model; loads with plain tf_keras.models.load_model
-  metadata.json   data source + fingerprint, config, input contract, versions, git commit, metrics
+  model.onnx      the same model for onnxruntime (what scoring and serving run), verified against
+                  model.keras on the test images when it was written (mnist_ray.train.export)
+  model.int8.onnx its int8 copy (quantised; scoring and serving use it with --int8), measured
+                  against model.onnx on the test images (mnist_ray.train.quantize)
+  metadata.json   data source + fingerprint, config, input contract, versions, git commit, metrics,
+                  the ONNX files' sha256, the export's verification, the int8 copy's accuracy
   history.json    one record per epoch (also history.csv)
   metrics.json    test-set metrics
   test_predictions.parquet  one row per test image: source, row, label, predicted, confidence
@@ -29,15 +34,20 @@ import subprocess
 import time
 from importlib import metadata as importlib_metadata
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mnist_ray.config import SettingsError, from_json, to_json
+from mnist_ray.data.schema import CLASS_NAMES, IMAGE_SHAPE, PIXEL_MAX, PIXEL_MIN
 from mnist_ray.digit_samples import DigitSampler, source_group
-from mnist_ray.schema import CLASS_NAMES, IMAGE_SHAPE, PIXEL_MAX, PIXEL_MIN
+from mnist_ray.errors import InputError
 
 MODEL_FILE = "model.keras"
+ONNX_FILE = "model.onnx"
+ONNX_INT8_FILE = "model.int8.onnx"
 CONFIG_FILE = "config.json"
 METADATA_FILE = "metadata.json"
 HISTORY_JSON = "history.json"
@@ -45,8 +55,9 @@ HISTORY_CSV = "history.csv"
 METRICS_FILE = "metrics.json"
 TEST_PREDICTIONS_FILE = "test_predictions.parquet"
 TEST_DIGITS_FILE = "test_digits.parquet"
-# The same names in a scoring batch's directory (mnist_ray.scoring_output).
+# The same names in a scoring batch's directory (mnist_ray.score.output).
 REPORT_HTML, REPORT_MD, REPORT_FIGURES = "report.html", "report.md", "report"
+T = TypeVar("T")
 LATEST = "latest"
 DEFAULT_RUNS_DIR = "runs"
 
@@ -71,15 +82,18 @@ def new_run_dir(runs_dir: str | Path = DEFAULT_RUNS_DIR) -> Path:
 
 
 def resolve_run_dir(path: str | Path) -> Path:
-    """Resolve a run directory, following ``runs/latest``; raises if it holds no run."""
+    """Resolve a run directory, following ``runs/latest``; raises ``RunDirError`` if it holds no run."""
     run_dir = Path(path).resolve()
     if not (run_dir / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"{path}: not a run directory (no {CONFIG_FILE})")
+        raise RunDirError(f"{path}: not a run directory (no {CONFIG_FILE})")
     return run_dir
 
 
-def update_latest(run_dir: Path) -> None:
-    """Point ``<runs>/latest`` at ``run_dir`` atomically (symlink replaced by rename)."""
+def update_latest(run_dir: Path, runs_dir: str | Path = DEFAULT_RUNS_DIR) -> None:
+    """Point ``<runs_dir>/latest`` at ``run_dir`` atomically (symlink replaced by rename), if the run
+    is in ``runs_dir``: a run written elsewhere (``--output-dir``) leaves no link beside it."""
+    if run_dir.resolve().parent != Path(runs_dir).resolve():
+        return
     link = run_dir.parent / LATEST
     tmp = run_dir.parent / f".{LATEST}.{os.getpid()}"
     tmp.unlink(missing_ok=True)
@@ -101,6 +115,20 @@ def write_text(path: Path, text: str) -> None:
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def write_settings(path: Path, settings: object) -> None:
+    """Save a settings dataclass (:mod:`mnist_ray.config`) as JSON."""
+    write_json(path, to_json(settings))
+
+
+def read_settings(path: Path, cls: type[T]) -> T:
+    """The ``cls`` settings saved in ``path``; raises ``SettingsError`` naming what is wrong."""
+    try:
+        value = read_json(path)
+    except (OSError, ValueError) as exc:
+        raise SettingsError(f"{path}: not readable JSON ({exc})") from exc
+    return from_json(cls, value, str(path))
 
 
 def write_history(run_dir: Path, history: list[dict]) -> None:
@@ -158,13 +186,14 @@ def _write_parquet(path: Path, table: pa.Table) -> None:
     os.replace(tmp, path)
 
 
-def build_metadata(*, config: dict, data: dict, metrics: dict, best_epoch: dict) -> dict:
+def build_metadata(*, config: object, data: dict, metrics: dict, best_epoch: dict) -> dict:
+    """A run's metadata.json: ``config`` is its settings (a dataclass, or their JSON)."""
     return {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "model_file": MODEL_FILE,
         "class_labels": CLASS_NAMES,
         "input_contract": INPUT_CONTRACT,
-        "config": config,
+        "config": config if isinstance(config, dict) else to_json(config),
         "data": data,
         "selected_epoch": best_epoch,
         "test_metrics": {k: metrics[k] for k in ("count", "accuracy", "macro_f1", "errors")},
@@ -200,41 +229,61 @@ def git_commit() -> str | None:
 
 
 def load_model(run_dir: str | Path):
-    """Load a run's model in safe mode (a model file cannot run code while loading)."""
+    """Load a run's Keras model in safe mode: a model file cannot run code while loading.
+
+    Raises ``RunDirError`` if the file cannot be loaded that way (it carries code, or is no model).
+    """
     import tf_keras as keras
 
-    return keras.models.load_model(Path(run_dir) / MODEL_FILE, safe_mode=True)
+    path = Path(run_dir) / MODEL_FILE
+    try:
+        return keras.models.load_model(path, safe_mode=True)
+    except Exception as exc:  # any failure to load means the same thing: this file is not usable
+        reason = str(exc).split("\n")[0]
+        if "safe_mode" in reason:  # Keras's words suggest an option this project does not offer
+            reason = ("it carries code (a Lambda layer) that would run when loaded; models this project "
+                      "trains carry none, so the file was not loaded: retrain it")
+        raise RunDirError(f"{path} cannot be loaded: {reason}") from None
 
 
-class RunDirError(ValueError):
-    """A run directory that cannot be used for scoring: unfinished, unreadable or off-contract."""
+class RunDirError(InputError, ValueError):
+    """A run directory that cannot be used: unfinished, unreadable or off-contract."""
 
 
 MODEL_ID_CHARS = 12
 
 
 def model_id(run_dir: str | Path) -> str:
-    """A short content id of the run's model: the first 12 hex digits of the sha256 of model.keras."""
-    return content_id((Path(run_dir) / MODEL_FILE).read_bytes())
+    """A short content id of the run's scored model: the first 12 hex digits of the sha256 of model.onnx."""
+    return content_id((Path(run_dir) / ONNX_FILE).read_bytes())
 
 
 def content_id(model_file: bytes) -> str:
-    """The model id of the bytes of a model.keras (see :func:`model_id`)."""
+    """The model id of the bytes of a model file (see :func:`model_id`)."""
     return hashlib.sha256(model_file).hexdigest()[:MODEL_ID_CHARS]
 
 
-def check_scoring_run(run_dir: Path) -> dict:
-    """Refuse a run that has no model or whose model takes other input than this code sends.
+def check_scoring_run(run_dir: Path, *, require_onnx: bool = True) -> dict:
+    """Refuse a run that is not finished or whose model takes other input than this code sends.
 
-    Returns the run's metadata. Raises ``RunDirError`` naming what is wrong.
+    Returns the run's metadata. Raises ``RunDirError`` naming what is wrong: a missing
+    model.onnx (with ``require_onnx``) or metadata.json, metadata that is not a JSON object,
+    an input contract or class labels other than this code's.
     """
-    for name in (MODEL_FILE, METADATA_FILE):
+    required = (ONNX_FILE, METADATA_FILE) if require_onnx else (MODEL_FILE, METADATA_FILE)
+    for name in required:
         if not (run_dir / name).is_file():
-            raise RunDirError(f"{run_dir}: no {name}: not a finished training run")
+            if name == ONNX_FILE and (run_dir / MODEL_FILE).is_file():
+                hint = f"; trained before runs had one? write it: python jobs/export_onnx.py {run_dir}"
+            else:
+                hint = ": not a finished training run"
+            raise RunDirError(f"{run_dir}: no {name}{hint}")
     try:
         metadata = read_json(run_dir / METADATA_FILE)
     except (OSError, ValueError) as exc:
-        raise RunDirError(f"{run_dir}: {METADATA_FILE} is not readable JSON ({exc})") from exc
+        raise RunDirError(f"{run_dir}: {METADATA_FILE} is not readable JSON ({exc})") from None
+    if not isinstance(metadata, dict):
+        raise RunDirError(f"{run_dir}: {METADATA_FILE} holds a JSON {type(metadata).__name__}, not an object")
     contract = metadata.get("input_contract")
     if contract != INPUT_CONTRACT:
         raise RunDirError(
@@ -242,4 +291,17 @@ def check_scoring_run(run_dir: Path) -> dict:
             f"code scores with {json.dumps(INPUT_CONTRACT)}; score it with the version of mnist_ray that "
             "trained it, or retrain"
         )
+    labels = metadata.get("class_labels")
+    if labels != CLASS_NAMES:
+        raise RunDirError(
+            f"{run_dir}: the model's class_labels {json.dumps(labels)[:80]} are not this code's "
+            f"{json.dumps(CLASS_NAMES)}: its outputs would be read as other classes"
+        )
+    data = metadata.get("data")
+    counts = data.get("train_class_counts") if isinstance(data, dict) else None
+    if counts is not None and not (
+        isinstance(counts, list) and len(counts) == len(CLASS_NAMES)
+        and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts)
+    ):
+        raise RunDirError(f"{run_dir}: data.train_class_counts {json.dumps(counts)[:80]} is not 10 counts")
     return metadata

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mnist_ray.schema import IMAGE_SHAPE, NUM_PIXELS
+from mnist_ray.data.schema import IMAGE_SHAPE, NUM_PIXELS
 
 SAMPLE, LEAST_CONFIDENT, CONFIDENT_MISTAKES = "sample", "least_confident", "confident_mistakes"
 SETS = (SAMPLE, LEAST_CONFIDENT, CONFIDENT_MISTAKES)

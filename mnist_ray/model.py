@@ -13,12 +13,14 @@ import tf_keras as keras
 from tf_keras import layers
 
 from mnist_ray.config import MODEL_KINDS
-from mnist_ray.schema import IMAGE_SHAPE, NUM_CLASSES
+from mnist_ray.data.schema import IMAGE_SHAPE, NUM_CLASSES
 
 
-def build_model(kind: str = "cnn", *, dropout: float = 0.25, augment: bool = False) -> keras.Model:
-    """The model named ``kind`` (``cnn`` or ``mlp``), uncompiled."""
-    if kind == "cnn":
+def build_model(kind: str = "deep_cnn", *, dropout: float = 0.4, augment: bool = False) -> keras.Model:
+    """The model named ``kind`` (``deep_cnn``, ``cnn`` or ``mlp``), uncompiled."""
+    if kind == "deep_cnn":
+        body = _deep_cnn_body(dropout)
+    elif kind == "cnn":
         body = _cnn_body(dropout)
     elif kind == "mlp":
         body = _mlp_body(dropout)
@@ -80,6 +82,30 @@ def _cnn_body(dropout: float):
         x = layers.Dense(128, use_bias=False)(x)
         x = _batch_norm()(x)
         x = layers.ReLU()(x)
+        return layers.Dropout(dropout)(x)
+
+    return body
+
+
+def _deep_cnn_body(dropout: float):
+    """Chris Deotte's MNIST CNN (github cdeotte/MNIST-CNN-99.75, from his Kaggle study): strided 5×5
+    convolutions instead of pooling, batch normalisation after every convolution, dropout 0.4
+    after each stage. He measured 99.65% mean test accuracy over 100 runs; ~1.6× the
+    multiply-adds of ``cnn``."""
+
+    def conv(x, filters: int, size: int, strides: int = 1):
+        padding = "same" if strides == 2 else "valid"
+        x = layers.Conv2D(filters, size, strides=strides, padding=padding, use_bias=False)(x)
+        x = _batch_norm()(x)
+        return layers.ReLU()(x)
+
+    def body(x):
+        x = conv(conv(conv(x, 32, 3), 32, 3), 32, 5, strides=2)  # 28 → 26 → 24 → 12
+        x = layers.Dropout(dropout)(x)
+        x = conv(conv(conv(x, 64, 3), 64, 3), 64, 5, strides=2)  # 12 → 10 → 8 → 4
+        x = layers.Dropout(dropout)(x)
+        x = conv(x, 128, 4)  # 4 → 1
+        x = layers.Flatten()(x)
         return layers.Dropout(dropout)(x)
 
     return body

@@ -1,7 +1,10 @@
-"""Shared fixtures: the bundled MNIST arrays, one local Ray instance per test session, a tiny real model."""
+"""Shared fixtures: the bundled MNIST arrays, one local Ray instance per test session, a tiny real model,
+and the session's MLflow store (every job the tests run tracks there, never into the checkout)."""
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +18,7 @@ BUNDLED_NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 @pytest.fixture(scope="session")
 def mnist_arrays() -> dict[str, np.ndarray]:
     """The four arrays of the bundled mnist.npz, loaded once. Treat them as read-only."""
-    from mnist_ray.data import BUNDLED_MNIST
+    from mnist_ray.data.sources import BUNDLED_MNIST
 
     with np.load(BUNDLED_MNIST, allow_pickle=False) as npz:
         arrays = {key: npz[key] for key in BUNDLED_NPZ_KEYS}
@@ -53,7 +56,8 @@ TINY_TRAIN_IMAGES, TINY_EPOCHS = 3000, 2
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, mnist_arrays) -> Path:
-    """A run directory with a real model (an MLP fitted 2 epochs on 3,000 images), without Ray Train.
+    """A run directory with a real model (an MLP fitted 2 epochs on 3,000 images), without Ray Train:
+    model.keras, and model.onnx exported and verified, and its int8 copy, as a training run does.
 
     Its metadata records the class counts of those images, as a real run's does.
     Treat it as read-only: copy it to change it.
@@ -63,6 +67,8 @@ def tiny_run(tmp_path_factory, mnist_arrays) -> Path:
     from mnist_ray import artifacts
     from mnist_ray.evaluation import classification_metrics
     from mnist_ray.model import build_model, compile_model
+    from mnist_ray.train.export import export_onnx
+    from mnist_ray.train.quantize import write_int8_copy
 
     keras.utils.set_random_seed(0)
     model = compile_model(build_model("mlp", dropout=0.1), learning_rate=1e-3)
@@ -79,6 +85,8 @@ def tiny_run(tmp_path_factory, mnist_arrays) -> Path:
     x, y = mnist_arrays["x_test"][:200], mnist_arrays["y_test"][:200]
     metrics = classification_metrics(y, model.predict(x, verbose=0).argmax(axis=1))
     metadata = artifacts.build_metadata(config=config, data=data, metrics=metrics, best_epoch={"epoch": 1})
+    metadata["onnx"] = export_onnx(model, run_dir / artifacts.ONNX_FILE, x)
+    metadata["onnx_int8"] = write_int8_copy(run_dir, x, y)
     artifacts.write_json(run_dir / artifacts.METADATA_FILE, metadata)
     return run_dir
 
@@ -95,7 +103,7 @@ def ray_head():
     was killed (a trial stopped by ASHA, a killed driver) is never removed and the next
     Train run waits for good for its CPUs (seen in CI).
     """
-    from tests.ray_cluster import LocalRayCluster
+    from mnist_ray.local_cluster import LocalRayCluster
 
     cluster = LocalRayCluster(num_cpus=2)
     try:
@@ -103,3 +111,57 @@ def ray_head():
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_run(tiny_run, tmp_path_factory) -> Path:
+    """``tiny_run`` with its model also as ``model.onnx``, converted as training exports it
+    (tf2onnx, uint8 ``pixels`` (n, 28, 28) → float32 ``probs`` (n, 10)). Read-only, like tiny_run.
+
+    tiny_run itself, once it has a model.onnx (training's ONNX export writes one).
+    """
+    import shutil
+
+    import tensorflow as tf
+    import tf2onnx
+
+    from mnist_ray import artifacts
+
+    if (tiny_run / artifacts.ONNX_FILE).is_file():
+        return tiny_run
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny-onnx"
+    shutil.copytree(tiny_run, run_dir)
+    signature = (tf.TensorSpec((None, 28, 28), tf.uint8, name="pixels"),)
+    proto, _ = tf2onnx.convert.from_keras(artifacts.load_model(run_dir), input_signature=signature, opset=17)
+    for value in (*proto.graph.input, *proto.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_param = "n"  # tf2onnx names the batch dimension unk__N
+    (run_dir / artifacts.ONNX_FILE).write_bytes(proto.SerializeToString())
+    return run_dir
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_tracking_store(tmp_path_factory) -> str:
+    """The MLflow store of every job the tests run (``$MLFLOW_TRACKING_URI``), and the cache of the
+    registry's model files (``$MNIST_RAY_MODEL_CACHE``), in the session's temp dir: without it a job
+    would create ``mlflow.db`` in the checkout. The file appears when a job first tracks (or when
+    ``mlflow_store_template`` is made: then as a copy of it, without a second migration)."""
+    root = tmp_path_factory.mktemp("tracking")
+    uri = f"sqlite:///{root / 'session.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    os.environ["MNIST_RAY_MODEL_CACHE"] = str(root / "model_cache")
+    return uri
+
+
+@pytest.fixture(scope="session")
+def mlflow_store_template(tmp_path_factory, session_tracking_store) -> Path:
+    """An empty MLflow store (SQLite) whose database migrations ran once, for this whole session
+    (seconds each time: MLflow creates its tables through alembic). Copy it for a fresh store;
+    never write to it."""
+    from mnist_ray.registry.tracking import Tracking, client, sqlite_path
+
+    template = tmp_path_factory.mktemp("mlflow") / "empty.db"
+    client(Tracking(f"sqlite:///{template}")).search_experiments()  # creates and migrates the tables
+    session_store = sqlite_path(session_tracking_store)
+    if not session_store.exists():
+        shutil.copyfile(template, session_store)
+    return template

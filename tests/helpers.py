@@ -1,18 +1,24 @@
-"""Helpers shared by the tests: writing real Kaggle "Digit Recognizer" CSV files.
+"""Helpers shared by the tests: writing and editing real Kaggle "Digit Recognizer" CSV files,
+and running the scoring job in the test's process.
 
-Deliberately independent of mnist_ray.csv_format.write_kaggle_csv: the reader is
-checked against a writer that shares no code with it.
+The CSV writer is deliberately independent of mnist_ray.data.csv_reader.write_kaggle_csv:
+the reader is checked against a writer that shares no code with it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
+import re
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+REPO = Path(__file__).resolve().parents[1]
 KAGGLE_PIXEL_COLUMNS = [f"pixel{k}" for k in range(28 * 28)]
 
 
@@ -104,3 +110,66 @@ def drop_csv_column(path: str | Path, column: str) -> None:
             del row[k]
 
     rewrite_csv(path, edit)
+
+
+def append_column(name: str, value: str) -> Callable[[list[list[str]]], None]:
+    """An edit for :func:`rewrite_csv`: a last column ``name`` holding ``value`` in every row."""
+
+    def edit(rows: list[list[str]]) -> None:
+        rows[0].append(name)
+        for row in rows[1:]:
+            row.append(value)
+
+    return edit
+
+
+# Faults for score_and_die: the job SIGKILLs itself before its batch is committed (staging is left) …
+KILL_BEFORE_PUBLISHING = """
+from mnist_ray.score import output as scoring_output
+scoring_output.publish = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+"""
+# … or after the journal (the first rename) and one part have been renamed into place.
+KILL_WHILE_PUBLISHING = """
+import types
+from mnist_ray.score import output as scoring_output
+renames = []
+def replace(src, dst):
+    if len(renames) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    renames.append(dst)
+    os.replace(src, dst)
+scoring_output.os = types.SimpleNamespace(**{**vars(os), "replace": replace})
+"""
+
+
+def score_and_die(fault: str, args: list[str], *, env: dict[str, str] | None = None,
+                  timeout: float = 600) -> subprocess.CompletedProcess:
+    """jobs/score.py's main in a fresh process that SIGKILLs itself at ``fault``."""
+    code = f"import os, signal, sys\nsys.path.insert(0, {str(REPO)!r})\n{fault}\n" + (
+        "from mnist_ray.cli import score_main\nsys.exit(score_main(sys.argv[1:]))\n"
+    )
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def score(*args: str) -> tuple[int, str]:
+    """Run the scoring job in this process (on the session's Ray); returns (exit code, stdout)."""
+    from mnist_ray.cli import score_main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = score_main(list(args))
+    return code, out.getvalue()
+
+
+# What Ray 2.60 prints that no setting of ours silences (docs/ray.md): its driver's core worker
+# logs this error line for every Ray Data actor pool (ray-project/ray#53727).
+UNSILENCEABLE_RAY_LINES = (
+    re.compile(r"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the object"),
+)
+
+
+def our_lines(text: str) -> list[str]:
+    """The non-blank lines of a job's output but those Ray prints whatever we do."""
+    return [line for line in text.splitlines()
+            if line.strip() and not any(p.search(line) for p in UNSILENCEABLE_RAY_LINES)]

@@ -38,7 +38,8 @@ LAUNCHER_CONFIGS = [CLUSTER / "aws.yaml"]
 # A copy lives in the repository, so that the tests need nothing from outside the checkout.
 CRD_DIR = REPO / "tests" / "schemas" / "kuberay-crds"
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
-             "RayCronJob": "ray.io_raycronjobs.yaml"}
+             "RayCronJob": "ray.io_raycronjobs.yaml", "RayService": "ray.io_rayservices.yaml"}
+SERVE_CONFIG = CLUSTER / "serve.yaml"
 # Core Kubernetes kinds the manifests may also hold: no schema of them is available offline.
 CORE_KINDS = {("v1", "PersistentVolumeClaim"), ("v1", "ServiceAccount"), ("batch/v1", "CronJob")}
 DNS_1123_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -47,8 +48,9 @@ PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 
 
 def requirement(name: str, requirements: list[str] | None = None) -> SpecifierSet:
-    """The version range pyproject.toml gives ``name`` (extras and markers ignored)."""
-    for req in requirements or PYPROJECT["dependencies"]:
+    """The version range pyproject.toml gives ``name`` (extras and markers ignored), in the core
+    dependencies or, for the training-only ones, in the ``train`` extra."""
+    for req in requirements or PYPROJECT["dependencies"] + PYPROJECT["optional-dependencies"]["train"]:
         match = re.fullmatch(rf"{re.escape(name)}(\[[^\]]*\])?\s*([<>=!~,.\d\s]+)", req)
         if match:
             return SpecifierSet(match.group(2))
@@ -109,7 +111,7 @@ def test_launcher_setup_installs_this_project_with_the_dockerfile_python():
     config = yaml.safe_load((CLUSTER / "aws.yaml").read_text())
     assert config["file_mounts"]["~/mnist_ray"] == "."
     setup = "\n".join(config["setup_commands"])
-    assert '"$HOME/mnist_ray[gpu]"' in setup  # pyproject.toml's versions, not a list of its own
+    assert '"$HOME/mnist_ray[train,gpu,serve]"' in setup  # pyproject.toml's versions, not a list of its own
     (python,) = re.findall(r"--python (\d+\.\d+) ", setup)
     assert python == dockerfile_python()
 
@@ -193,6 +195,7 @@ BREAKAGES = {
     "value not in enum": ("RayCluster", lambda m: m["spec"]["authOptions"].update(mode="password")),
     "field of another kind": ("RayJob", lambda m: m["spec"].update(schedule="30 2 * * *")),
     "misspelt nested field": ("RayCronJob", lambda m: m["spec"]["jobTemplate"].update(entryPoint="python")),
+    "serve config not a string": ("RayService", lambda m: m["spec"].update(serveConfigV2={"apps": 1})),
 }
 
 
@@ -226,6 +229,64 @@ def test_jobs_run_on_the_cluster_with_its_token():
         env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
         assert env["RAY_AUTH_MODE"]["value"] == "token"
         assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": secret, "key": "auth_token"}
+
+
+# --- the Serve application: cluster/serve.yaml and the RayService that carries it ---------------
+
+
+def serve_config_problems(config: dict) -> list[str]:
+    """What Ray's Serve config schema refuses, and the keys it would silently ignore: its pydantic
+    models accept unknown keys, so a misspelt one (``num_replica``) would otherwise pass."""
+    from pydantic import ValidationError
+    from ray.serve.schema import DeploymentSchema, ServeApplicationSchema, ServeDeploySchema
+
+    try:
+        ServeDeploySchema.model_validate(config)
+    except ValidationError as exc:
+        return [str(exc)]
+    problems = [f"unknown key {k!r}" for k in set(config) - set(ServeDeploySchema.model_fields)]
+    for app in config.get("applications", []):
+        problems += [f"application: unknown key {k!r}"
+                     for k in set(app) - set(ServeApplicationSchema.model_fields)]
+        for deployment in app.get("deployments", []):
+            problems += [f"deployment: unknown key {k!r}"
+                         for k in set(deployment) - set(DeploymentSchema.model_fields)]
+    return problems
+
+
+def test_serve_config_is_valid_for_serve_deploy():
+    config = yaml.safe_load(SERVE_CONFIG.read_text())
+    assert serve_config_problems(config) == []
+    broken = copy.deepcopy(config)
+    broken["applications"][0]["deployments"][0]["num_replica"] = 2
+    assert serve_config_problems(broken) == ["deployment: unknown key 'num_replica'"]
+
+
+def test_the_rayservice_deploys_cluster_serve_yaml_with_the_clusters_token():
+    (_, service), = manifests_of("RayService")
+    assert yaml.safe_load(service["spec"]["serveConfigV2"]) == yaml.safe_load(SERVE_CONFIG.read_text())
+    (_, cluster), = manifests_of("RayCluster")
+    assert service["spec"]["rayClusterConfig"]["authOptions"] == cluster["spec"]["authOptions"]
+    # Serve reads its ingress switch in every Ray process: head and workers must agree.
+    ray_cluster = service["spec"]["rayClusterConfig"]
+    pods = [ray_cluster["headGroupSpec"]["template"]]
+    pods += [group["template"] for group in ray_cluster["workerGroupSpecs"]]
+    envs = [{e["name"]: e["value"] for e in pod["spec"]["containers"][0].get("env", [])} for pod in pods]
+    assert all(env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" for env in envs), envs
+
+
+def test_serve_config_builds_this_projects_application(tiny_onnx_run):
+    """import_path and args are what mnist_ray.serve.app builds (with a real run in place of the volume's)."""
+    import importlib
+
+    from mnist_ray.serve.app import DEPLOYMENT_NAME
+
+    (app,) = yaml.safe_load(SERVE_CONFIG.read_text())["applications"]
+    module, _, name = app["import_path"].partition(":")
+    builder = getattr(importlib.import_module(module), name)
+    application = builder({**app["args"], "model": str(tiny_onnx_run)})
+    assert application._bound_deployment.name == DEPLOYMENT_NAME
+    assert [d["name"] for d in app["deployments"]] == [DEPLOYMENT_NAME]
 
 
 # --- entrypoints -------------------------------------------------------------------------------
@@ -302,7 +363,7 @@ def test_dockerfile_python_satisfies_requires_python():
 
 def test_dockerfile_installs_the_project_not_versions_of_its_own():
     dockerfile = (CLUSTER / "Dockerfile").read_text()
-    assert 'ARG INSTALL=".[gpu]"' in dockerfile
+    assert 'ARG INSTALL=".[train,gpu,serve]"' in dockerfile
     assert 'pip install --no-cache-dir "${INSTALL}"' in dockerfile
     assert "COPY pyproject.toml" in dockerfile
 
@@ -322,6 +383,7 @@ def test_every_version_in_cluster_agrees_with_pyproject():
             package, version = match.group(1) or "ray", match.group(2) or match.group(3)
             assert Version(version) in requirement(package), f"{path.name}: {match.group(0)}"
     ray_versions = {m["spec"]["rayVersion"] for _, m in manifests_of("RayCluster")}
+    ray_versions |= {m["spec"]["rayClusterConfig"]["rayVersion"] for _, m in manifests_of("RayService")}
     assert ray_versions and all(Version(v) in requirement("ray") for v in ray_versions), ray_versions
 
 

@@ -1,4 +1,4 @@
-"""The shared chunk parser of Kaggle CSVs (mnist_ray.csv_format): what scoring quarantines, row by row."""
+"""The shared chunk parser of Kaggle CSVs (mnist_ray.data.csv_rules): what scoring quarantines, row by row."""
 
 from __future__ import annotations
 
@@ -10,20 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mnist_ray.csv_format import (
-    BLANK_LINE,
-    MAX_LINE_BYTES,
-    RAW_TEXT_CHARS,
-    CsvChunks,
-    LongLine,
-    line_chunks,
-    parse_chunk,
-    parse_header,
-    read_training_csv,
-    resolve_csv_paths,
-    truncate_text,
-)
-from mnist_ray.schema import DataValidationError
+from mnist_ray.data.csv_files import MAX_LINE_BYTES, LongLine, line_chunks, resolve_csv_paths
+from mnist_ray.data.csv_reader import CsvChunks, read_training_csv
+from mnist_ray.data.csv_rules import BLANK_LINE, RAW_TEXT_CHARS, parse_chunk, parse_header, truncate_text
+from mnist_ray.data.schema import DataValidationError
 from tests.helpers import rewrite_csv, set_csv_cell, write_kaggle_csv
 
 PIXELS = [f"pixel{k}" for k in range(784)]
@@ -59,7 +49,7 @@ def test_header_layouts():
     header = ",".join(["ImageId", "label", *PIXELS]).encode()
     layout = parse_header(b"\xef\xbb\xbf" + header + b"\r\n1,2", "f.csv", require_label=False, read_id=True)
     assert layout.has_label and layout.id_column == "ImageId"
-    assert [c for c, _, _ in layout.checks()][:3] == ["label", "ImageId", "pixel0"]
+    assert [c for c, _, _ in layout.checks()][:2] == ["label", "pixel0"]  # ids are text, not checked numbers
     training = parse_header(header, "f.csv", require_label=True, read_id=False)
     assert training.id_column is None  # training ignores ids
     quoted = ",".join(f'"{c}"' for c in PIXELS).encode()
@@ -126,7 +116,7 @@ def test_valid_rows_round_trip(tmp_path, sample, id_column, with_labels):
     if with_labels:
         np.testing.assert_array_equal(valid["label"], labels)
     if id_column:
-        np.testing.assert_array_equal(valid["image_id"], np.arange(1, 13))
+        assert valid["image_id"].tolist() == [str(k) for k in range(1, 13)]  # ids are text
     assert reader.data_lines == 12
 
 
@@ -206,16 +196,20 @@ def test_rows_with_several_problems_are_rejected_once(tmp_path, sample):
     assert len(valid["row"]) == 11
 
 
-def test_bad_image_id_is_rejected(tmp_path, sample):
+def test_ids_are_any_text_up_to_their_bound(tmp_path, sample):
     path = write_kaggle_csv(tmp_path / "ids.csv", sample[0], id_column="ImageId")
     set_csv_cell(path, 3, "ImageId", "-4")
-    set_csv_cell(path, 4, "ImageId", "four")
+    set_csv_cell(path, 4, "ImageId", " img-0004 ")
+    set_csv_cell(path, 5, "ImageId", '"scan 5/ü"')
+    set_csv_cell(path, 6, "ImageId", "")
+    set_csv_cell(path, 7, "ImageId", "x" * 257)
     _, valid, rejects = chunks_of(path)
     assert {r.row: r.reason for r in rejects} == {
-        3: "ImageId is -4, below 0",
-        4: "ImageId is 'four', not an integer",
+        7: f"ImageId is '{'x' * 56}..., longer than the 256 characters an id may have (257)"
     }
-    assert 3 not in valid["row"].tolist()
+    ids = dict(zip(valid["row"].tolist(), valid["image_id"].tolist(), strict=True))
+    assert (ids[3], ids[4], ids[5], ids[6]) == ("-4", "img-0004", "scan 5/ü", "")
+    assert ids[1] == "1" and 7 not in ids
 
 
 def test_odd_lines_keep_row_numbers_exact(tmp_path, sample):

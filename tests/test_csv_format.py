@@ -13,10 +13,11 @@ import pandas as pd
 import pytest
 from ray import cloudpickle
 
-from mnist_ray.csv_format import read_training_csv, resolve_csv_paths
-from mnist_ray.data import BUNDLED_MNIST
-from mnist_ray.schema import DataValidationError
-from tests.helpers import drop_csv_column, rewrite_csv, set_csv_cell, write_kaggle_csv
+from mnist_ray.data.csv_files import resolve_csv_paths
+from mnist_ray.data.csv_reader import read_training_csv
+from mnist_ray.data.schema import DataValidationError
+from mnist_ray.data.sources import BUNDLED_MNIST
+from tests.helpers import append_column, drop_csv_column, rewrite_csv, set_csv_cell, write_kaggle_csv
 
 N_ROWS = 30
 
@@ -174,16 +175,33 @@ def test_bad_cell_is_named(good_csv, column, text, problem, value):
     assert type(err.value) is type(value)
 
 
-def test_earliest_bad_row_of_a_column_is_reported(good_csv):
-    # Columns are checked one at a time (label, pixel0, ...); within one, the earliest row wins.
+def test_every_bad_row_is_reported_at_once_in_file_order(good_csv):
     set_csv_cell(good_csv, 9, "pixel700", "300")
     set_csv_cell(good_csv, 5, "pixel700", "400")
-    set_csv_cell(good_csv, 7, "pixel700", "x")
+    set_csv_cell(good_csv, 7, "pixel3", "x")
     err = read_error(good_csv)
-    assert (err.row, err.column, err.value) == (7, "pixel700", "x")
-    set_csv_cell(good_csv, 7, "pixel700", "0")
-    err = read_error(good_csv)
-    assert (err.row, err.column, err.value) == (5, "pixel700", 400)
+    assert (err.row, err.column, err.value) == (5, "pixel700", 400)  # the first in the file
+    assert str(err).splitlines() == [
+        "3 problems in the input (the first in file order first):",
+        f"  {good_csv}, data row 5, column 'pixel700': outside 0..255 (found 400)",
+        f"  {good_csv}, data row 7, column 'pixel3': not an integer (found 'x')",
+        f"  {good_csv}, data row 9, column 'pixel700': outside 0..255 (found 300)",
+    ]
+    set_csv_cell(good_csv, 7, "pixel3", "0")
+    set_csv_cell(good_csv, 9, "pixel700", "0")
+    err = read_error(good_csv)  # one problem: its own line, as ever
+    assert str(err) == f"{good_csv}, data row 5, column 'pixel700': outside 0..255 (found 400)"
+
+
+def test_many_bad_rows_show_the_first_twenty_and_a_count(tmp_path, sample):
+    images = np.repeat(sample[0][:1], 30, axis=0)
+    path = write_kaggle_csv(tmp_path / "many.csv", images, np.zeros(30, np.int64))
+    for row in range(1, 26):
+        set_csv_cell(path, row, "pixel0", "-1")
+    lines = str(read_error(path)).splitlines()
+    assert lines[0] == "25 problems in the input (the first in file order first):"
+    assert [line.split(", ")[1] for line in lines[1:21]] == [f"data row {row}" for row in range(1, 21)]
+    assert lines[21:] == ["  ... and 5 more"]
 
 
 def test_integer_too_large_for_int64_is_named(good_csv):
@@ -209,24 +227,15 @@ def test_missing_label_column(good_csv):
     assert re.search(r"\blabel\b", message)
 
 
-def _append_column(name: str, value: str):
-    def edit(rows: list[list[str]]) -> None:
-        rows[0].append(name)
-        for row in rows[1:]:
-            row.append(value)
-
-    return edit
-
-
 def test_extra_unknown_column(good_csv):
-    rewrite_csv(good_csv, _append_column("colour", "1"))
+    rewrite_csv(good_csv, append_column("colour", "1"))
     message = str(read_error(good_csv))
     assert "unexpected column" in message
     assert "'colour'" in message
 
 
 def test_duplicated_header_column(good_csv):
-    rewrite_csv(good_csv, _append_column("pixel17", "0"))
+    rewrite_csv(good_csv, append_column("pixel17", "0"))
     err = read_error(good_csv)
     assert "duplicated column" in str(err)
     assert "'pixel17'" in str(err)
@@ -267,10 +276,11 @@ def test_empty_file(tmp_path):
     assert "empty" in str(read_error(path))
 
 
-def test_header_only_file(tmp_path, sample):
+def test_header_only_file_is_valid_and_empty(tmp_path, sample):
     path = write_kaggle_csv(tmp_path / "header.csv", sample[0][:0], sample[1][:0])
     assert path.read_text().count("\n") == 1 and path.read_text().startswith("label,pixel0,")
-    assert "no data rows" in str(read_error(path))
+    rows = read_training_csv(str(path))
+    assert (rows["image"].shape, rows["label"].shape, rows["row"].shape) == ((0, 28, 28), (0,), (0,))
 
 
 def test_binary_file(tmp_path):

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from mnist_ray import data as data_module
-from mnist_ray.data import (
-    arrays_to_dataset,
-    class_counts,
-    dataset_to_arrays,
-    load_npz,
-    load_splits,
-)
-from mnist_ray.schema import DataValidationError
+from mnist_ray.data import sources as data_module
+from mnist_ray.data.schema import DataValidationError
+from mnist_ray.data.sources import arrays_to_dataset, class_counts, dataset_to_arrays, load_npz
+from mnist_ray.data.splits import load_splits
 from tests.helpers import set_csv_cell, write_kaggle_csv
 
 
@@ -268,6 +265,23 @@ def test_csv_bad_value_surfaces_from_ray_as_a_clean_error(csv_dir_with_bad_value
     assert type(err) is DataValidationError
     assert (err.source, err.row, err.column, err.value) == (bad, 7, "pixel17", "abc")
     assert str(err) == f"{bad}, data row 7, column 'pixel17': not an integer (found 'abc')"
+
+
+def test_every_bad_row_of_every_file_is_named_at_once_in_file_order(csv_dir_with_bad_value, ray_session):
+    root, bad = csv_dir_with_bad_value
+    first, last = str(Path(root) / "part0.csv"), str(Path(root) / "part2.csv")
+    set_csv_cell(last, 3, "label", "12")
+    set_csv_cell(first, 29, "pixel0", "-1")
+    set_csv_cell(first, 4, "pixel5", "7.0")
+    with pytest.raises(DataValidationError) as info:
+        load_splits([root], seed=0)
+    assert str(info.value).splitlines() == [
+        "4 problems in the input (the first in file order first):",
+        f"  {first}, data row 4, column 'pixel5': not an integer (found '7.0')",
+        f"  {first}, data row 29, column 'pixel0': outside 0..255 (found -1)",
+        f"  {bad}, data row 7, column 'pixel17': not an integer (found 'abc')",
+        f"  {last}, data row 3, column 'label': outside 0..9 (found 12)",
+    ]
 
 
 # --- class_counts, arrays_to_dataset, dataset_to_arrays -----------------------------------------

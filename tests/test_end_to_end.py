@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.ray_cluster import LocalRayCluster
+from mnist_ray.local_cluster import LocalRayCluster
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]

@@ -30,6 +30,30 @@ def test_metrics_perfect_predictions():
         }
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_metrics_are_sklearns(seed):
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+    rng = np.random.default_rng(seed)
+    classes = rng.choice(10, size=rng.integers(1, 11), replace=False)  # some digits absent
+    y_true, y_pred = rng.choice(classes, 200), rng.choice(classes, 200)
+    y_pred[:120] = y_true[:120]
+    m = classification_metrics(y_true, y_pred)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=range(10), zero_division=0)
+    assert m["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred))
+    assert m["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="macro", zero_division=0))
+    assert m["confusion_matrix"] == confusion_matrix(y_true, y_pred, labels=range(10)).tolist()
+    for k in range(10):
+        assert m["per_class"][str(k)] == pytest.approx(
+            {"precision": precision[k], "recall": recall[k], "f1": f1[k], "support": support[k]})
+
+
+def test_metrics_refuse_a_class_id_outside_the_ten_digits():
+    with pytest.raises(ValueError, match="y_pred holds a class id outside 0..9"):
+        classification_metrics([1, 2], [1, 10])
+
+
 def test_metrics_hand_computed_case():
     y_true = [0, 0, 0, 1, 1, 2, 9, 9]
     y_pred = [0, 0, 1, 1, 2, 2, 9, 0]
@@ -119,11 +143,12 @@ def test_augmentation_only_in_training(digits):
     assert np.abs(augmented(x, training=True).numpy() - first).max() > 1e-4
 
 
-def test_trained_cnn_saves_and_loads_as_plain_keras(tmp_path, digits):
+@pytest.mark.parametrize("kind", ["deep_cnn", "cnn"])
+def test_trained_cnn_saves_and_loads_as_plain_keras(tmp_path, digits, kind):
     import tf_keras
 
     images, labels = digits
-    model = compile_model(build_model("cnn", augment=True), learning_rate=1e-3)
+    model = compile_model(build_model(kind, augment=True), learning_rate=1e-3)
     before = model.predict(images[:64], verbose=0)
     history = model.fit(images, labels, epochs=1, batch_size=64, verbose=0)
     assert np.isfinite(history.history["loss"]).all()
@@ -135,3 +160,25 @@ def test_trained_cnn_saves_and_loads_as_plain_keras(tmp_path, digits):
     loaded = tf_keras.models.load_model(path, safe_mode=True)
     assert loaded.input_shape == (None, 28, 28)
     np.testing.assert_allclose(loaded.predict(images[:64], verbose=0), after, rtol=1e-5, atol=1e-6)
+
+
+def test_deep_cnn_is_deottes_architecture():
+    model = build_model("deep_cnn", dropout=0.4)
+    convolutions = [layer for layer in model.layers if layer.__class__.__name__ == "Conv2D"]
+    assert [(c.filters, c.kernel_size[0], c.strides[0]) for c in convolutions] == [
+        (32, 3, 1), (32, 3, 1), (32, 5, 2), (64, 3, 1), (64, 3, 1), (64, 5, 2), (128, 4, 1)]
+    assert [c.output_shape[1] for c in convolutions] == [26, 24, 12, 10, 8, 4, 1]
+    assert sum(layer.__class__.__name__ == "BatchNormalization" for layer in model.layers) == 7
+    assert {layer.rate for layer in model.layers if layer.__class__.__name__ == "Dropout"} == {0.4}
+
+
+def test_one_cycle_rises_for_a_quarter_then_falls_to_almost_nothing():
+    from mnist_ray.train.schedules import OneCycle
+
+    schedule = OneCycle(peak=3e-3, total_steps=400, steps_per_epoch=40)
+    rates = [schedule.rate(step) for step in range(400)]
+    assert rates[0] == pytest.approx(3e-3 / 25)
+    assert max(rates) == pytest.approx(3e-3, rel=1e-3) and rates.index(max(rates)) == 100
+    assert all(a <= b for a, b in zip(rates[:100], rates[1:101], strict=True))
+    assert all(a >= b for a, b in zip(rates[100:-1], rates[101:], strict=True))
+    assert rates[-1] < 1e-5

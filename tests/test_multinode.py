@@ -17,8 +17,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from mnist_ray.local_cluster import RAY, LocalRayCluster
 from tests.helpers import write_kaggle_csv
-from tests.ray_cluster import RAY, LocalRayCluster
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import pytest
 
-from mnist_ray.cli import train_parser
-from mnist_ray.config import TrainConfig
+from mnist_ray.cli import train_config, train_parser
 
 
 def scaling_for(*argv: str):
-    from mnist_ray.training import scaling_config
+    from mnist_ray.train.loop import scaling_config
 
-    return scaling_config(TrainConfig.from_dict(vars(train_parser().parse_args(list(argv)))))
+    return scaling_config(train_config(train_parser().parse_args(list(argv))))
 
 
 def test_workers_are_packed_by_default():

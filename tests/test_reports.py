@@ -1,5 +1,5 @@
 """Reports of training runs and scoring batches, from real artifacts: a real tiny model, real scoring
-batches on the session's Ray, the run directory's test predictions written by train_run itself."""
+batches on the session's Ray, the run directory's test predictions written by the training job itself."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ import pytest
 
 from mnist_ray import artifacts
 from mnist_ray.cli import report_main
-from mnist_ray.data import DataSplits, arrays_to_dataset
+from mnist_ray.data.sources import arrays_to_dataset
+from mnist_ray.data.splits import DataSplits
 from mnist_ray.digit_samples import (
     CONFIDENT_MISTAKES,
     LEAST_CONFIDENT,
@@ -30,8 +31,7 @@ from mnist_ray.digit_samples import (
 )
 from mnist_ray.reports import render_report
 from mnist_ray.reports.monitoring import class_shift, reason_kind
-from tests.helpers import set_csv_cell, write_kaggle_csv
-from tests.test_scoring import score
+from tests.helpers import score, set_csv_cell, write_kaggle_csv
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -98,10 +98,10 @@ def check_report(directory: Path) -> set[str]:
 @pytest.fixture(scope="module")
 def run_dir(ray_session, tiny_run, mnist_arrays, tmp_path_factory) -> Path:
     """A finished run directory: the tiny model, a real 2-epoch history, and test predictions and
-    metrics written by train_run.evaluate_on_test from a Ray Dataset of 400 test images."""
+    metrics written by mnist_ray.train.job.evaluate_on_test from a Ray Dataset of 400 test images."""
     import tf_keras as keras
 
-    from mnist_ray.train_run import evaluate_on_test
+    from mnist_ray.train.job import evaluate_on_test
 
     directory = tmp_path_factory.mktemp("report_run") / "run"
     shutil.copytree(tiny_run, directory)
@@ -116,7 +116,7 @@ def run_dir(ray_session, tiny_run, mnist_arrays, tmp_path_factory) -> Path:
     model.save(directory / artifacts.MODEL_FILE)
     x, y = mnist_arrays["x_test"][:400], mnist_arrays["y_test"][:400]
     test = arrays_to_dataset(x, y, "bundled mnist.npz:test")
-    metrics = evaluate_on_test(directory, DataSplits(train=test, val=test, test=test))
+    metrics, _, _ = evaluate_on_test(directory, DataSplits(train=test, val=test, test=test))
     artifacts.write_json(directory / artifacts.METRICS_FILE, metrics)
     metadata = artifacts.read_json(directory / artifacts.METADATA_FILE)
     metadata["selected_epoch"] = history[-1]

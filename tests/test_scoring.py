@@ -7,9 +7,7 @@ work on copies of its output or on their own.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -24,22 +22,35 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from mnist_ray import artifacts, score_run, scoring_output
+from mnist_ray import artifacts
 from mnist_ray.cli import score_main
 from mnist_ray.evaluation import classification_metrics
-from tests.helpers import drop_csv_column, rewrite_csv, set_csv_cell, write_kaggle_csv
+from mnist_ray.score import inputs as score_inputs
+from mnist_ray.score import output as scoring_output
+from mnist_ray.score.audit import audit
+from tests.helpers import (
+    KILL_BEFORE_PUBLISHING,
+    KILL_WHILE_PUBLISHING,
+    append_column,
+    drop_csv_column,
+    rewrite_csv,
+    score,
+    score_and_die,
+    set_csv_cell,
+    write_kaggle_csv,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DATE = "2026-11-20"
 PROBS = [f"prob_{k}" for k in range(10)]
 
-# The schemas README.md documents, written out independently of the code's constants.
+# The schemas docs/scoring.md documents, written out independently of the code's constants.
 PREDICTION_COLUMNS = [
-    ("source", pa.string(), False), ("row", pa.int64(), False), ("image_id", pa.int64(), True),
+    ("source", pa.string(), False), ("row", pa.int64(), False), ("image_id", pa.string(), True),
     ("predicted", pa.int64(), False), ("confidence", pa.float32(), False),
     *[(name, pa.float32(), False) for name in PROBS],
     ("label", pa.int64(), True), ("correct", pa.bool_(), True), ("model_id", pa.string(), False),
-    ("scored_at", pa.timestamp("us", tz="UTC"), False),
+    ("model_version", pa.string(), True), ("scored_at", pa.timestamp("us", tz="UTC"), False),
 ]
 REJECT_COLUMNS = [
     ("source", pa.string(), False), ("row", pa.int64(), True), ("reason", pa.string(), False),
@@ -54,14 +65,15 @@ GOOD_FILES = {
     "d_crlf_bom_id.csv": (95, 20, True),
 }
 BAD_ROWS_FILE = "e_bad_rows.csv"  # images 115..128, labelled
+# Files rejected whole: (the reason, the data lines they hold, counted as rejected).
 UNREADABLE = {
-    "f_empty.csv": "file is empty",
-    "g_header_only.csv": "has a header but no data rows",
-    "h_binary.csv": "not a text CSV file (binary content)",
-    "i_no_pixels.csv": "missing column(s) pixel0",
-    "j_duplicated.csv": "duplicated column in the header",
-    "k_unknown.csv": "unexpected column(s) 'colour'",
+    "f_empty.csv": ("file is empty", 0),
+    "h_binary.csv": ("not a text CSV file (binary content)", 0),
+    "i_no_pixels.csv": ("missing column(s) pixel0", 1),
+    "j_duplicated.csv": ("duplicated column in the header", 3),
+    "k_unknown.csv": ("unexpected column(s) 'colour'", 3),
 }
+EMPTY_FILE = "g_header_only.csv"  # a header and no rows: valid, nothing to score
 EXPECTED_REJECTS = {
     1: "pixel37 is 300, outside 0..255",
     3: "pixel5 is '7.5', not an integer",
@@ -130,23 +142,6 @@ def write_unreadable(root: Path, mnist_arrays) -> None:
     rewrite_csv(write_kaggle_csv(root / "k_unknown.csv", x, y), append_column("colour", "1"))
 
 
-def append_column(name: str, value: str):
-    def edit(rows: list[list[str]]) -> None:
-        rows[0].append(name)
-        for row in rows[1:]:
-            row.append(value)
-
-    return edit
-
-
-def score(*args: str) -> tuple[int, str]:
-    """Run the job in this process (on the session's Ray); returns (exit code, stdout)."""
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = score_main(list(args))
-    return code, out.getvalue()
-
-
 def score_batch_of(inputs: Path, tiny_run: Path, output: Path, executor: str) -> dict:
     code, stdout = score("--model", str(tiny_run), "--input", str(inputs), "--output", str(output),
                          "--date", DATE, "--batch-size", "16", "--executor", executor)
@@ -185,19 +180,22 @@ def per_file(summary: dict) -> dict[str, dict]:
 def test_counts_add_up_per_file_and_in_total(first_batch):
     assert first_batch["code"] == 3, first_batch["stdout"]
     files = per_file(first_batch["summary"])
-    assert len(files) == len(GOOD_FILES) + 1 + len(UNREADABLE)
+    assert len(files) == len(GOOD_FILES) + 1 + len(UNREADABLE) + 1
     for name, (_, count, _) in GOOD_FILES.items():
         assert (files[name]["rows_in"], files[name]["scored"], files[name]["rejected"]) == (count, count, 0)
         assert files[name]["status"] == "scored"
     bad = files[BAD_ROWS_FILE]
     rejected = len(EXPECTED_REJECTS)
     assert (bad["rows_in"], bad["scored"], bad["rejected"]) == (14, 14 - rejected, rejected)
-    for name, reason in UNREADABLE.items():
+    for name, (reason, lines) in UNREADABLE.items():
         assert files[name]["status"] == "rejected" and reason in files[name]["file_error"], name
+        assert (files[name]["rows_in"], files[name]["scored"], files[name]["rejected"]) == (lines, 0, lines)
+    empty = files[EMPTY_FILE]
+    assert (empty["status"], empty["rows_in"], empty["file_error"]) == ("empty", 0, None)
     total = first_batch["summary"]["total"]
     assert total["rows_in"] == sum(f["rows_in"] for f in files.values())
     assert total["rows_in"] == total["scored"] + total["rejected"]
-    assert total["files_rejected"] == len(UNREADABLE)
+    assert total["files_rejected"] == len(UNREADABLE) and total["files_empty"] == 1
     stdout = first_batch["stdout"]
     assert f"{total['rows_in']:>12,} {total['scored']:>12,} {total['rejected']:>10,}  total" in stdout
     assert stdout.count("] ") >= len(files)  # a progress line per finished file
@@ -217,11 +215,32 @@ def test_bad_rows_are_quarantined_with_row_reason_and_text(first_batch, inputs):
 
 def test_unreadable_files_are_rejected_whole(first_batch, inputs):
     frame = rejects(first_batch["output"])
-    for name, reason in UNREADABLE.items():
+    for name, (reason, lines) in UNREADABLE.items():
         mine = frame[frame["source"] == str(inputs / name)]
         assert len(mine) == 1, name
         assert pd.isna(mine["row"].iloc[0]), name
         assert reason in mine["reason"].iloc[0], (name, mine["reason"].iloc[0])
+        assert (f"({lines:,} data lines not read)" in mine["reason"].iloc[0]) == bool(lines), name
+    assert not (frame["source"] == str(inputs / EMPTY_FILE)).any()
+
+
+def test_what_every_csv_reader_accepts_is_accepted(tiny_run, tmp_path, mnist_arrays):
+    """Spaces around values, blank lines ending a file, ids that are text: a clean batch (exit 0)."""
+    path = write_kaggle_csv(tmp_path / "lenient.csv", mnist_arrays["x_test"][:5], mnist_arrays["y_test"][:5],
+                            id_column="ImageId")
+    set_csv_cell(path, 2, "pixel300", " 12 ")
+    set_csv_cell(path, 3, "ImageId", "img-0003")
+    path.write_text(path.read_text() + "\n\n")
+    code, stdout = score("--model", str(tiny_run), "--input", str(path), "--output", str(tmp_path / "out"),
+                         "--executor", "local")
+    assert code == 0, stdout
+    frame = predictions(tmp_path / "out")
+    assert frame["row"].tolist() == [1, 2, 3, 4, 5]
+    assert frame["image_id"].tolist()[1:4] == ["2", "img-0003", "4"]
+    summary = json.loads(next((tmp_path / "out" / "batches").glob("*/summary.json")).read_text())
+    assert (summary["total"]["rows_in"], summary["total"]["rejected"]) == (5, 0)
+    assert set(summary["seconds"]) == {"start_up", "scoring", "wall"}
+    assert summary["seconds"]["wall"] >= summary["seconds"]["start_up"] + summary["seconds"]["scoring"] - 0.2
 
 
 def _expected_schema(columns) -> pa.Schema:
@@ -251,6 +270,7 @@ def test_predictions_equal_model_predict(first_batch, tiny_run, inputs, mnist_ar
         assert (mine["predicted"].to_numpy() == expected.argmax(axis=1)).all(), name
         np.testing.assert_allclose(mine["confidence"].to_numpy(), expected.max(axis=1), atol=1e-5)
         assert (mine["model_id"] == artifacts.model_id(tiny_run)).all()
+        assert (mine["model_version"] == str(tiny_run)).all()  # a run directory names itself
 
 
 def test_scoring_in_process_writes_what_ray_writes(first_batch, local_batch):
@@ -305,7 +325,7 @@ def _without_batch_ids(value):
 )
 def test_the_executor_auto_picks(flags, env_address, size, expected, monkeypatch):
     from mnist_ray.cli import score_parser
-    from mnist_ray.scoring import choose_executor
+    from mnist_ray.score.inference import choose_executor
 
     if env_address is None:
         monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -317,10 +337,10 @@ def test_the_executor_auto_picks(flags, env_address, size, expected, monkeypatch
 
 
 def test_an_input_of_unknown_size_is_scored_with_ray():
-    from mnist_ray.scoring import choose_executor
+    from mnist_ray.score.inference import choose_executor
 
     assert choose_executor("auto", address=None, use_gpu=False, input_bytes=None) == "ray"
-    assert score_run.input_size(["/no/such/file.csv"]) is None
+    assert score_inputs.input_size(["/no/such/file.csv"]) is None
 
 
 def test_ids_labels_and_correctness(first_batch, inputs, mnist_arrays):
@@ -329,7 +349,7 @@ def test_ids_labels_and_correctness(first_batch, inputs, mnist_arrays):
     for name, (_, count, labelled) in GOOD_FILES.items():
         mine = frame[frame["source"] == str(inputs / name)]
         if "id" in name:
-            assert mine["image_id"].tolist() == list(range(1, count + 1)), name
+            assert mine["image_id"].tolist() == [str(k) for k in range(1, count + 1)], name  # as text
         else:
             assert mine["image_id"].isna().all(), name
         if labelled:
@@ -382,6 +402,7 @@ def test_manifest_records_every_input_and_the_batch_is_marked_done(first_batch, 
         assert entry["rows_in"] == entry["scored"] + entry["rejected"]
     assert (first_batch["batch_dir"] / "_SUCCESS").is_file()
     assert not any((output / "_staging").iterdir())
+    assert audit(output) == []
 
 
 # --- nightly reruns -------------------------------------------------------------------------------
@@ -404,22 +425,29 @@ def test_a_rerun_skips_what_was_scored(first_batch, tiny_run, inputs, tmp_path):
     assert len(list((output / "batches").iterdir())) == 1
 
 
-def test_inputs_look_scored_only_when_every_one_is_in_the_manifest_at_its_size(first_batch, tiny_run, inputs,
-                                                                               tmp_path):
-    """The hint that spares a rerun Ray's start: every path, at its current size, by this model."""
-    manifest = scoring_output.read_manifest(first_batch["output"])
-    model_id = artifacts.model_id(tiny_run)
-    paths = sorted(str(p) for p in inputs.iterdir())
-    assert score_run.looks_scored(paths, manifest, model_id)
-    assert not score_run.looks_scored(paths, manifest, "another-model")
-    assert not score_run.looks_scored([*paths, str(tmp_path / "missing.csv")], manifest, model_id)
-    grown = tmp_path / "grown.csv"
-    shutil.copy(paths[0], grown)
-    moved = [{**e, "path": str(grown)} for e in manifest if e["path"] == paths[0]]
-    assert score_run.looks_scored([str(grown)], moved, model_id)
-    with open(grown, "a") as f:
-        f.write("\n")
-    assert not score_run.looks_scored([str(grown)], moved, model_id)
+def test_an_input_is_its_content_not_its_name(first_batch, tiny_run, inputs, tmp_path, mnist_arrays):
+    """A scored file re-delivered under a new name is skipped, naming the earlier path; two
+    copies of one new file in one run are scored once."""
+    output = copy_output(first_batch, tmp_path)
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    shutil.copy(inputs / "a_labels.csv", drop / "renamed.csv")
+    write_kaggle_csv(drop / "new.csv", mnist_arrays["x_test"][-12:], mnist_arrays["y_test"][-12:])
+    shutil.copy(drop / "new.csv", drop / "new-again.csv")
+    code, stdout = score("--model", str(tiny_run), "--input", str(drop), "--output", str(output),
+                         "--date", "2026-11-02", "--executor", "local")
+    assert code == 0, stdout
+    assert (f"skipping {drop / 'renamed.csv'}: same content as {inputs / 'a_labels.csv'}, already scored by "
+            f"model {artifacts.model_id(tiny_run)} in batch {first_batch['batch_dir'].name}") in stdout
+    twin = f"skipping {drop / 'new.csv'}: same content as {drop / 'new-again.csv'}, which this run scores"
+    assert twin in stdout
+    entry = scoring_output.read_manifest(output)[-1]
+    assert entry["path"] == str(drop / "new-again.csv") and entry["scored"] == 12
+    assert (predictions(output)["date"].astype(str) == "2026-11-02").sum() == 12
+    summary = json.loads((output / "batches" / entry["batch_id"] / "summary.json").read_text())
+    assert {Path(s["path"]).name: Path(s["same_as"]).name for s in summary["skipped"]} == {
+        "renamed.csv": "a_labels.csv", "new.csv": "new-again.csv"}
+    assert audit(output) == []
 
 
 def test_force_rescores_and_replaces_without_duplicates(first_batch, tiny_run, inputs, tmp_path):
@@ -436,6 +464,7 @@ def test_force_rescores_and_replaces_without_duplicates(first_batch, tiny_run, i
     assert mine["row"].tolist() == list(range(1, 31))  # once each, not twice
     assert len(frame) == first_batch["summary"]["total"]["scored"]
     assert not any((output / p).exists() for p in old_parts)
+    assert audit(output) == []
     entry = scoring_output.read_manifest(output)[-1]
     assert entry["path"] == str(target) and entry["replaces"] == [first_batch["batch_dir"].name]
     sub = pd.read_csv(submission)
@@ -449,43 +478,18 @@ def test_a_file_that_changes_while_scored_is_not_published(
 ):
     output = tmp_path / "out"
     moving = str(inputs / "a_labels.csv")
-    real_digest = score_run.file_digest
-    monkeypatch.setattr(score_run, "file_digest",
+    real_digest = score_inputs.file_digest
+    monkeypatch.setattr(score_inputs, "file_digest",
                         lambda path: (0, "0" * 64) if path == moving else real_digest(path))
     code = score_main(["--model", str(tiny_run), "--input", moving, str(inputs / "c_compressed.csv.gz"),
                        "--output", str(output), "--date", DATE])
     assert code == 1
     assert [Path(e["path"]).name for e in scoring_output.read_manifest(output)] == ["c_compressed.csv.gz"]
     assert set(predictions(output)["source"]) == {str(inputs / "c_compressed.csv.gz")}
+    assert audit(output) == []
 
 
 # --- killed runs ------------------------------------------------------------------------------------
-
-KILL_BEFORE_PUBLISHING = """
-from mnist_ray import scoring_output
-scoring_output.publish = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
-"""
-# Dies after the journal (the first rename) and one part have been renamed into place.
-KILL_WHILE_PUBLISHING = """
-import types
-from mnist_ray import scoring_output
-renames = []
-def replace(src, dst):
-    if len(renames) == 2:
-        os.kill(os.getpid(), signal.SIGKILL)
-    renames.append(dst)
-    os.replace(src, dst)
-scoring_output.os = types.SimpleNamespace(**{**vars(os), "replace": replace})
-"""
-
-
-def score_and_die(fault: str, args: list[str]) -> subprocess.CompletedProcess:
-    """jobs/score.py's main in a fresh process that SIGKILLs itself at ``fault``."""
-    code = f"import os, signal, sys\nsys.path.insert(0, {str(REPO)!r})\n{fault}\n" + (
-        "from mnist_ray.cli import score_main\nsys.exit(score_main(sys.argv[1:]))\n"
-    )
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600)
-
 
 def test_killed_runs_leave_nothing_partial_and_the_next_run_completes(
     ray_session, tiny_run, inputs, tmp_path
@@ -500,6 +504,8 @@ def test_killed_runs_leave_nothing_partial_and_the_next_run_completes(
     (staged,) = (output / "_staging").iterdir()
     assert list(staged.rglob("part-*.parquet"))  # the batch was written, then the job died
     assert not (output / "predictions").exists() and not (output / "_manifest.jsonl").exists()
+    (line,) = audit(output)
+    assert line.startswith(f"_staging/{staged.name}: an unpublished batch") and "removes it" in line, line
 
     killed = score_and_die(KILL_WHILE_PUBLISHING, args)
     assert killed.returncode == -9, killed.stderr[-3000:]
@@ -507,6 +513,8 @@ def test_killed_runs_leave_nothing_partial_and_the_next_run_completes(
     (half,) = (output / "_staging").iterdir()
     assert (half / "_PUBLISH.json").is_file()
     assert len(list((output / "predictions").rglob("*.parquet"))) == 1  # one of three parts got through
+    (line,) = audit(output)  # what recovery mends is said once, not as missing and stray parts
+    assert line.startswith(f"_staging/{half.name}: a batch committed") and "finishes publishing" in line, line
 
     code, stdout = score(*args[:-2])  # in this process: it finishes publishing, then finds nothing to score
     assert code == 3
@@ -516,6 +524,7 @@ def test_killed_runs_leave_nothing_partial_and_the_next_run_completes(
     assert [Path(e["path"]).name for e in scoring_output.read_manifest(output)] == sorted(names)
     assert (output / "batches" / half.name / "_SUCCESS").is_file()
     assert not any((output / "_staging").iterdir())
+    assert audit(output) == []
 
 
 # --- exit codes and refusals ------------------------------------------------------------------------
@@ -540,12 +549,12 @@ def _broken_runs(tiny_run: Path, tmp_path: Path) -> dict[str, tuple[Path, str]]:
     (other_contract / "metadata.json").write_text(json.dumps(meta))
     corrupt = tmp_path / "corrupt"
     shutil.copytree(tiny_run, corrupt)
-    (corrupt / "model.keras").write_bytes(b"not a model")
+    (corrupt / "model.onnx").write_bytes(b"not a model")
     return {
         "missing": (tmp_path / "nowhere", "not a run directory"),
-        "no-model": (no_model, "no model.keras"),
+        "no-model": (no_model, "no model.onnx"),
         "other-contract": (other_contract, "input contract"),
-        "corrupt": (corrupt, "cannot be loaded"),
+        "corrupt": (corrupt, "not an ONNX model"),
     }
 
 
@@ -559,11 +568,23 @@ def test_unusable_models_and_inputs_exit_2(tiny_run, inputs, tmp_path, capsys):
                        "--output", str(tmp_path / "out")])
     assert code == 2 and "missing.csv" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
-    for bad_flags in (["--date", "22/11/2026"], ["--submission", "s.csv"], ["--concurrency", "0"]):
+    for bad_flags in (["--date", "22/11/2026"], ["--submission", "s.csv"], ["--concurrency", "0"],
+                      ["--tracking-uri", "mlruns"]):
         with pytest.raises(SystemExit) as info:
             score_main(["--model", str(tiny_run), "--input", str(inputs), "--output", str(tmp_path / "out"),
                         *bad_flags])
         assert info.value.code == 2, bad_flags
+
+
+def test_use_gpu_without_onnxruntimes_cuda_provider_exits_2(tiny_run, inputs, tmp_path, capsys):
+    from mnist_ray.onnx_model import GPU_RUNTIME_MISSING
+
+    code = score_main(["--model", str(tiny_run), "--input", str(inputs / "a_labels.csv"), "--output",
+                       str(tmp_path / "out"), "--use-gpu", "--executor", "local"])
+    assert code == 2
+    assert GPU_RUNTIME_MISSING in capsys.readouterr().err
+    assert not list((tmp_path / "out").glob("predictions/*/*.parquet"))
+    assert not list((tmp_path / "out" / "_staging").glob("*"))
 
 
 def test_a_second_job_on_the_same_output_exits_1(tiny_run, inputs, tmp_path, capsys):
@@ -590,7 +611,7 @@ def test_help_documents_flags_and_exit_codes():
 
 
 def test_file_records_end_with_the_row_count_and_digest(tmp_path, mnist_arrays):
-    from mnist_ray.scoring import END_OF_FILE, IMAGE_ROW, REJECTED_FILE, REJECTED_ROW, file_records
+    from mnist_ray.score.records import END_OF_FILE, IMAGE_ROW, REJECTED_FILE, REJECTED_ROW, file_records
 
     path = write_kaggle_csv(tmp_path / "t.csv", mnist_arrays["x_test"][:5], mnist_arrays["y_test"][:5])
     set_csv_cell(path, 2, "pixel0", "x")
@@ -610,8 +631,8 @@ def test_file_records_end_with_the_row_count_and_digest(tmp_path, mnist_arrays):
 def test_the_chunk_reader_passes_records_and_errors_on_and_stops_when_abandoned(tmp_path, mnist_arrays):
     import threading
 
-    from mnist_ray import scoring
-    from mnist_ray.scoring import ChunkReader
+    from mnist_ray.score import records as scoring
+    from mnist_ray.score.records import ChunkReader
 
     small = [str(write_kaggle_csv(tmp_path / f"{k}.csv", mnist_arrays["x_test"][:5])) for k in range(2)]
     with ChunkReader([*small, str(tmp_path / "gone.csv")]) as reader:

@@ -19,7 +19,9 @@ import time
 import pandas as pd
 import pytest
 
-from mnist_ray.cli import EXIT_OK, score_main
+from mnist_ray.cli import score_main
+from mnist_ray.errors import EXIT_OK
+from mnist_ray.score.audit import audit
 from tests.helpers import write_kaggle_csv
 
 pytestmark = pytest.mark.slow
@@ -89,3 +91,4 @@ def test_a_killed_inference_actor_loses_no_row_and_scores_none_twice(
     k = frame["source"].str.extract(r"day_(\d+)\.csv$")[0].astype(int)
     image_index = k * ROWS_PER_FILE + frame["row"] - 1
     assert (frame["label"].to_numpy() == mnist_arrays["y_test"][image_index.to_numpy()]).all()
+    assert audit(output) == []

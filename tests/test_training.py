@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mnist_ray import training
 from mnist_ray.cli import train_main
+from mnist_ray.train import loop as training
 from tests.helpers import set_csv_cell, write_kaggle_csv
 
 pytestmark = pytest.mark.slow
@@ -39,7 +39,7 @@ def test_run_directory_has_every_artifact(trained_run: Path):
                 "report/curves.png", "report/digits_mistakes.png")
     for name in expected:
         assert (trained_run / name).is_file(), name
-    assert (trained_run.parent / "latest").resolve() == trained_run.resolve()
+    assert not (trained_run.parent / "latest").exists()  # --output-dir: no link beside it
 
 
 def test_metadata_describes_data_config_contract_and_versions(trained_run: Path):
@@ -187,3 +187,78 @@ def test_help_lists_every_documented_flag():
                  "--augment", "--num-workers", "--use-gpu", "--output-dir", "--storage-path", "--resume",
                  "--seed", "--address", "--smoke-test", "--mixed-precision", "--xla", "--data-path"):
         assert flag in out, flag
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--data", "/no/such/train.csv"], "/no/such/train.csv: no such file or directory"),
+        (["--data", "{empty}"], "matched no .csv or .csv.gz file"),
+        (["--data", "bundled", "--test-data", "/no/such/test.csv"], "/no/such/test.csv"),
+        (["--data", "/no/such/mnist.npz"], "/no/such/mnist.npz: no such file"),
+    ],
+)
+def test_a_missing_input_is_refused_before_ray_starts(tmp_path: Path, flags, message):
+    ray_tmp = tmp_path / "ray"
+    ray_tmp.mkdir()
+    (tmp_path / "empty").mkdir()
+    flags = [flag.format(empty=tmp_path / "empty") for flag in flags]
+    result = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "train.py"), *flags, "--output-dir", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(ray_tmp)},
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: ") and message in line, line
+    assert list(ray_tmp.iterdir()) == []  # no Ray session was started for it
+    assert not (tmp_path / "run").exists()
+
+
+def test_latest_points_at_the_newest_run_of_the_runs_directory_only(tmp_path: Path):
+    from mnist_ray import artifacts
+
+    runs = tmp_path / "runs"
+    first, second = artifacts.new_run_dir(runs), artifacts.new_run_dir(runs)
+    for run in (first, second):
+        artifacts.update_latest(run, runs)
+    assert (runs / "latest").resolve() == second.resolve()
+    elsewhere = tmp_path / "elsewhere" / "run"
+    elsewhere.mkdir(parents=True)
+    artifacts.update_latest(elsewhere, runs)
+    assert not (elsewhere.parent / "latest").exists() and (runs / "latest").resolve() == second.resolve()
+
+
+def test_a_tiny_ensemble_trains_its_members_and_averages_them(ray_session, tmp_path: Path, mnist_arrays,
+                                                              capsys):
+    run_dir = tmp_path / "ensemble"
+    assert train_main(["--members", "2", "--model", "cnn", "--limit", "600", "--epochs", "1",
+                       "--batch-size", "32", "--num-workers", "1", "--output-dir", str(run_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert "member 1 (seed 1): selected epoch 1 of 1 by validation accuracy" in printed, printed
+    assert "the ensemble averages the 2 members' probabilities" in printed
+    meta = json.loads((run_dir / "metadata.json").read_text())
+    members = meta["ensemble"]
+    assert [(m["member"], m["seed"]) for m in members] == [(0, 0), (1, 1)]
+    assert all(0 <= m["test_accuracy"] <= 1 for m in members)
+    assert {h["member"] for h in json.loads((run_dir / "history.json").read_text())} == {0, 1}
+    assert "Ensemble" in (run_dir / "report.html").read_text()
+    # The saved model alone, without this package: its output is the mean of its members'.
+    np.save(tmp_path / "probe.npy", mnist_arrays["x_test"][:32])
+    code = (
+        "import sys, numpy as np, tf_keras as keras\n"
+        f"m = keras.models.load_model({str(run_dir / 'model.keras')!r}, safe_mode=True)\n"
+        "assert 'mnist_ray' not in sys.modules\n"
+        f"x = np.load({str(tmp_path / 'probe.npy')!r})\n"
+        "mean = np.mean([m.get_layer(f'member_{k}').predict(x, verbose=0) for k in range(2)], axis=0)\n"
+        "print(float(np.abs(m.predict(x, verbose=0) - mean).max()))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], cwd="/", env=env, capture_output=True, text=True,
+                         check=True).stdout
+    assert float(out.split()[-1]) < 1e-6
+    assert meta["onnx"]["argmax_agreement"] == 1.0  # the ONNX export of the ensemble, verified
+    # and its int8 copy, measured on the same test images
+    assert meta["onnx_int8"]["evaluated_on"] == meta["onnx"]["verified_on"]
+    assert meta["onnx_int8"]["accuracy_float"] == pytest.approx(meta["test_metrics"]["accuracy"])
+    assert "model.int8.onnx: test accuracy" in printed

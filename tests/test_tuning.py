@@ -24,10 +24,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mnist_ray import artifacts, tune_results
-from mnist_ray.cli import EXIT_INTERRUPTED, tune_parser
+from mnist_ray import artifacts
+from mnist_ray.cli import tune_parser
 from mnist_ray.config import SearchSpace
-from tests.ray_cluster import LocalRayCluster
+from mnist_ray.errors import EXIT_INTERRUPTED
+from mnist_ray.local_cluster import LocalRayCluster
+from mnist_ray.tune import results as tune_results
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS, GRACE, TRIALS = 3, 2, 3
@@ -104,7 +106,7 @@ def test_interrupted_search_says_how_to_resume(search):
 
 @pytest.mark.slow
 def test_resume_keeps_the_finished_trial(search):
-    # "trial <id> finished after 3 epochs: val_acc 0.7167"
+    # "trial <id> finished after 3 epochs: best val_acc 0.7167"
     words = search["finished_line"].split()
     trial_id, val_acc = words[1], float(words[-1])
     assert f"trial {trial_id} started" not in search["second_output"]  # not run again
@@ -162,6 +164,26 @@ def test_retrained_best_model_is_a_run_that_scoring_accepts(search, mnist_arrays
     assert metrics["count"] == 600 and 0.0 <= metrics["accuracy"] <= 1.0
     proba = artifacts.load_model(run_dir).predict(mnist_arrays["x_test"][:16], verbose=0)
     assert proba.shape == (16, 10) and np.allclose(proba.sum(axis=1), 1.0, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_the_search_and_its_retrained_model_are_tracked(search):
+    """The resumed search logs itself (a child run per trial, from the driver's results) and registers
+    its retrained model, into the session's MLflow store (tests/conftest.py)."""
+    from mnist_ray.registry.tracking import TUNING_EXPERIMENT, Tracking, client
+
+    output = search["second_output"]
+    assert "tracking: search logged as MLflow run " in output and f"with {TRIALS} trial run(s)" in output
+    assert "(alias challenger)" in output, output[-3000:]
+    mlflow = client(Tracking.from_env())
+    experiment = mlflow.get_experiment_by_name(TUNING_EXPERIMENT).experiment_id
+    (parent,) = [r for r in mlflow.search_runs([experiment], f"tags.output_dir = '{search['out']}'")]
+    children = mlflow.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(r.info.run_name for r in children) == sorted(search["board"]["trial"])
+    assert all(len(mlflow.get_metric_history(r.info.run_id, "val_accuracy")) >= 1 for r in children)
+    retrained = str(search["out"] / tune_results.BEST_MODEL_DIR)
+    versions = mlflow.search_model_versions("name = 'mnist-digits'")
+    assert [v for v in versions if v.tags["run_dir"] == retrained]
 
 
 # --- without Ray ---------------------------------------------------------------------------------------

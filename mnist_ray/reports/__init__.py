@@ -16,19 +16,21 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from mnist_ray import artifacts, scoring_output
+from mnist_ray import artifacts
+from mnist_ray.errors import MissingInput
+from mnist_ray.score import output as scoring_output
 
 
 def render_report(path: str | Path) -> tuple[Path, list[str]]:
     """Render the report of a run directory or a scoring batch directory, whichever ``path`` is.
 
-    Returns the HTML's path and warnings for the log. Raises ``FileNotFoundError``
+    Returns the HTML's path and warnings for the log. Raises ``MissingInput``
     naming what is missing when ``path`` is neither.
     """
     directory = Path(path).resolve()
     if (directory / artifacts.CONFIG_FILE).is_file():
         if not (directory / artifacts.METADATA_FILE).is_file():
-            raise FileNotFoundError(
+            raise MissingInput(
                 f"{path}: a training run that has not finished (no {artifacts.METADATA_FILE})"
             )
         from mnist_ray.reports.run_report import render_run_report
@@ -36,7 +38,7 @@ def render_report(path: str | Path) -> tuple[Path, list[str]]:
         return render_run_report(directory)
     if (directory / scoring_output.SUMMARY_FILE).is_file():
         if not (directory / scoring_output.SUCCESS).is_file():
-            raise FileNotFoundError(
+            raise MissingInput(
                 f"{path}: a scoring batch that was not published (no {scoring_output.SUCCESS})"
             )
         from mnist_ray.reports.batch_report import render_batch_report
@@ -47,7 +49,7 @@ def render_report(path: str | Path) -> tuple[Path, list[str]]:
         batches = sorted(p.name for p in (directory / scoring_output.BATCHES).iterdir() if p.is_dir())
         newest = f" (the newest: {directory / scoring_output.BATCHES / batches[-1]})" if batches else ""
         hint = f"; it is a scoring output directory: pass one of its batches/<batch_id>{newest}"
-    raise FileNotFoundError(
+    raise MissingInput(
         f"{path}: neither a training run directory (no {artifacts.CONFIG_FILE}) nor a scoring batch "
         f"directory (no {scoring_output.SUMMARY_FILE}){hint}"
     )

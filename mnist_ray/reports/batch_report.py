@@ -1,4 +1,4 @@
-"""The report of a scoring batch, from its published output alone (``scoring_output.read_batch``).
+"""The report of a scoring batch, from its published output alone (``mnist_ray.score.output.read_batch``).
 
 Every batch gets the monitoring sections — predicted classes against the training
 data's, confidence, the least confident digits, rejects by reason — which need no
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 
-from mnist_ray import scoring_output
+from mnist_ray.data.schema import NUM_CLASSES
 from mnist_ray.digit_samples import LEAST_CONFIDENT, read_digits
 from mnist_ray.reports import figures, sections
 from mnist_ray.reports.monitoring import (
@@ -22,7 +22,7 @@ from mnist_ray.reports.monitoring import (
     rejects_by_reason,
 )
 from mnist_ray.reports.page import Page
-from mnist_ray.schema import NUM_CLASSES
+from mnist_ray.score import output as scoring_output
 
 MAX_REJECT_KINDS = 20
 
@@ -59,10 +59,12 @@ def render_batch_report(batch_dir: Path) -> tuple[Path, list[str]]:
 
 
 def _summary_section(page: Page, summary: dict, published_rows: int) -> None:
-    total = summary["total"]
+    total, seconds = summary["total"], summary["seconds"]
     page.paragraph(
         f"Date {summary['date']}; scored {summary['scored_at']} by model {summary['model_id']} "
-        f"({summary['model_run']}) in {summary['seconds']:.1f} s. {total['rows_in']:,} rows in: "
+        f"({summary.get('model_version') or summary['model_run']}), {seconds['scoring']:.1f} s of scoring"
+        + (f" ({seconds['wall']:.1f} s since the job started)" if "wall" in seconds else "")
+        + f". {total['rows_in']:,} rows in: "
         f"{total['scored']:,} scored, {total['rejected']:,} rejected; {total['files']} file(s), "
         f"{total['files_rejected']} rejected whole, {total['files_skipped']} skipped as scored before."
     )

@@ -14,7 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
-from mnist_ray.schema import CLASS_NAMES, NUM_CLASSES
+from mnist_ray.data.schema import CLASS_NAMES, NUM_CLASSES
 
 RIGHT, WRONG, NEUTRAL = "#1a7f37", "#cf222e", "#24292f"
 TRAIN_COLOUR, VAL_COLOUR, BATCH_COLOUR, REFERENCE_COLOUR = "#0969da", "#bc4c00", "#0969da", "#8c959f"
@@ -120,14 +120,13 @@ def per_class_scores(per_class: dict[str, dict]) -> Figure:
 
 def digit_grid(
     images: np.ndarray, labels: np.ndarray, predicted: np.ndarray, confidence: np.ndarray,
-    rows_in_source: np.ndarray, title: str,
+    where: list[str], title: str,
 ) -> Figure:
     """Digits with their predicted class and confidence: green when right, red when wrong,
-    dark grey when the true class is unknown (``labels`` -1); each one's data row underneath,
-    so that it can be looked up.
+    dark grey when the true class is unknown (``labels`` -1); under each, ``where`` it is (its
+    data row, and file), so that it can be looked up.
 
-    ``images`` uint8 (n, 28, 28); ``labels``, ``predicted``, ``rows_in_source`` int (n,);
-    ``confidence`` float (n,).
+    ``images`` uint8 (n, 28, 28); ``labels``, ``predicted`` int (n,); ``confidence`` float (n,).
     """
     n = len(images)
     rows = max(1, -(-n // GRID_COLUMNS))
@@ -155,8 +154,7 @@ def digit_grid(
         centre = left + CELL_WIDTH / 2 - 0.5
         ax.text(centre, image_top - 1.5, text, color=colour, fontsize=9, fontweight="bold", ha="center",
                 va="bottom")
-        ax.text(centre, image_top + 28, f"row {rows_in_source[k]:,}", ha="center", va="top", fontsize=7,
-                color="#6e7781")
+        ax.text(centre, image_top + 28, where[k], ha="center", va="top", fontsize=7, color="#6e7781")
     ax.imshow(mosaic, cmap="gray_r", vmin=0, vmax=255, interpolation="nearest")
     return fig
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import chdtrc
 
-from mnist_ray.schema import NUM_CLASSES
+from mnist_ray.data.schema import NUM_CLASSES
 
 SHIFT_TVD = 0.10
 SHIFT_P_VALUE = 0.01

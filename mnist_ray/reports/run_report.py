@@ -19,6 +19,8 @@ def render_run_report(run_dir: Path) -> tuple[Path, list[str]]:
     """
     metadata = artifacts.read_json(run_dir / artifacts.METADATA_FILE)
     history = artifacts.read_json(run_dir / artifacts.HISTORY_JSON)
+    # An ensemble's history holds every member's epochs: the curves show member 0's.
+    history = [record for record in history if record.get("member", 0) == 0]
     metrics = artifacts.read_json(run_dir / artifacts.METRICS_FILE)
     page = Page(run_dir, f"Training run {run_dir.name}")
     selected = metadata.get("selected_epoch", {}).get("epoch")
@@ -33,6 +35,8 @@ def render_run_report(run_dir: Path) -> tuple[Path, list[str]]:
         f"code {metadata.get('git_commit') or 'unknown'}; model id {artifacts.model_id(run_dir)}.",
         kind="note",
     )
+    if "ensemble" in metadata:
+        _ensemble_section(page, metadata["ensemble"], metrics)
     _data_section(page, metadata)
     _config_section(page, metadata["config"])
     page.heading("Training curves")
@@ -43,6 +47,17 @@ def render_run_report(run_dir: Path) -> tuple[Path, list[str]]:
     page.heading("Versions")
     page.table(["package", "version"], [[k, v] for k, v in metadata.get("versions", {}).items()])
     return page.write(), []
+
+
+def _ensemble_section(page: Page, members: list[dict], metrics: dict) -> None:
+    page.heading("Ensemble")
+    page.paragraph(f"The model averages the probabilities of {len(members)} members, each trained as a Ray "
+                   "Train run of its own with its own seed and selected at its best validation epoch "
+                   "(the curves below are member 0's).")
+    rows = [[m["member"], m["seed"], m["selected_epoch"], f"{m['val_accuracy']:.4f}",
+             f"{m['test_accuracy']:.2%}"] for m in members]
+    rows.append(["ensemble", "", "", "", f"{metrics['accuracy']:.2%}"])
+    page.table(["member", "seed", "selected epoch", "val accuracy", "test accuracy"], rows)
 
 
 def _data_section(page: Page, metadata: dict) -> None:

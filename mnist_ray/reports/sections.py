@@ -54,12 +54,24 @@ def evaluation(
 
 
 def digit_grid(page: Page, name: str, digits: dict[str, np.ndarray], title: str, caption: str) -> None:
-    """A grid of digits (``digits`` as one set of ``read_digits``), or a line saying there are none."""
+    """A grid of digits (``digits`` as one set of ``read_digits``), or a line saying there are none.
+
+    Under each digit its data row; when they come from several files, the file's number too,
+    with the numbers' files in the caption (row numbers repeat from file to file).
+    """
     if not len(digits["image"]):
         page.paragraph(f"{title}: none.", kind="note")
         return
+    sources = list(dict.fromkeys(digits["source"].tolist()))
+    rows = digits["row"].tolist()
+    if len(sources) > 1:
+        number = {source: k for k, source in enumerate(sources, start=1)}
+        where = [f"#{number[s]} row {r:,}" for s, r in zip(digits["source"].tolist(), rows, strict=True)]
+        caption += " Files: " + "; ".join(f"#{k} {source}" for k, source in enumerate(sources, start=1)) + "."
+    else:
+        where = [f"row {r:,}" for r in rows]
     page.figure(name, figures.digit_grid(digits["image"], digits["label"], digits["predicted"],
-                                         digits["confidence"], digits["row"], title), caption)
+                                         digits["confidence"], where, title), caption)
 
 
 def _accuracy(correct: np.ndarray) -> str:
