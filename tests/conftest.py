@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -165,3 +167,59 @@ def mlflow_store_template(tmp_path_factory, session_tracking_store) -> Path:
     if not session_store.exists():
         shutil.copyfile(template, session_store)
     return template
+
+
+# How long a finished test's Ray work may take to hand back its CPUs (Ray Train removes its
+# placement group, Ray Data its actor pool, a few seconds after the job returns).
+RAY_RELEASE_SECONDS = 60
+
+
+class RayResourcesLeft(UserWarning):
+    """A test left Ray's CPUs held after it finished."""
+
+
+@pytest.fixture(autouse=True)
+def ray_resources_handed_back(request):
+    """After every test that ran Ray in this process: the session's CPUs are free again.
+
+    A test that leaves a placement group or an actor holding CPUs on the shared Ray would make
+    the next Ray Train run wait for good for CPUs that never come (a hang until the per-test
+    timeout, then the same for every later test). What is still held after
+    ``RAY_RELEASE_SECONDS`` is removed where it can be (placement groups, named actors) and named
+    in a warning against the test that left it (pytest's warnings summary).
+    """
+    yield
+    import ray
+
+    if not ray.is_initialized() or _wait_for_free_cpus(ray, RAY_RELEASE_SECONDS):
+        return
+    held = ray.cluster_resources().get("CPU", 0) - ray.available_resources().get("CPU", 0)
+    removed = _remove_ray_leftovers(ray)
+    warnings.warn(RayResourcesLeft(
+        f"{request.node.nodeid} left {held:g} of Ray's CPUs held {RAY_RELEASE_SECONDS} s after it "
+        f"finished; removed: {'; '.join(removed) or 'nothing (an unnamed actor?)'}"), stacklevel=2)
+
+
+def _wait_for_free_cpus(ray, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
+
+
+def _remove_ray_leftovers(ray) -> list[str]:
+    """Remove every placement group not yet removed and kill every named actor; name each one."""
+    from ray.util import list_named_actors, placement_group_table, remove_placement_group
+    from ray.util.placement_group import PlacementGroup
+
+    removed = []
+    for pg_id, entry in placement_group_table().items():
+        if entry.get("state") != "REMOVED":
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(pg_id)))
+            removed.append(f"placement group {entry.get('name') or pg_id} {entry.get('bundles')}")
+    for actor in list_named_actors(all_namespaces=True):
+        ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]))
+        removed.append(f"actor {actor['namespace']}/{actor['name']}")
+    return removed
