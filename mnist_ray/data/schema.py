@@ -84,7 +84,8 @@ def refusal(problems: list[DataValidationError]) -> DataValidationError:
                                 value=first.value)
     shown = "\n  ".join(str(p) for p in problems[:PROBLEMS_SHOWN])
     more = f"\n  ... and {len(problems) - PROBLEMS_SHOWN:,} more" if len(problems) > PROBLEMS_SHOWN else ""
-    error.args = (f"{len(problems):,} problems in the input (the first in file order first):\n  {shown}{more}",)
+    error.args = (f"{len(problems):,} problems in the input (the first in file order first):"
+                  f"\n  {shown}{more}",)
     return error
 
 

@@ -15,7 +15,6 @@ How they are split into training, validation and test sets: :mod:`mnist_ray.data
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 from pathlib import Path
 
@@ -128,7 +127,8 @@ def csv_dataset(specs: list[str]) -> tuple[ray.data.Dataset, str]:
         raise refusal(found)
     dataset = ray.data.from_arrow_refs(list(tables))
     if not dataset.count():
-        raise DataValidationError("no data rows: every file has a header and nothing else", source=", ".join(paths))
+        raise DataValidationError("no data rows: every file has a header and nothing else",
+                                  source=", ".join(paths))
     return dataset, _fingerprint_files(paths)
 
 
