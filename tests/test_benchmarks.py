@@ -45,6 +45,8 @@ def test_scoring_benchmark_measures_the_job_and_the_baseline(tiny_run, tmp_path)
     assert len(pq.read_table(output / "predictions")) == 300
 
 
+@pytest.mark.slow
+@pytest.mark.extended
 def test_training_benchmark_measures_workers_and_the_baseline(ray_head, tmp_path):
     # RAY_ADDRESS names the session's Ray: the benchmark starts a Ray of its own anyway (its CPU counts).
     results = tmp_path / "train.json"
@@ -66,6 +68,8 @@ def test_training_benchmark_measures_workers_and_the_baseline(ray_head, tmp_path
     assert payload["train_images"] == 540 and payload["machine"]["cpus"] >= 1
 
 
+@pytest.mark.slow
+@pytest.mark.extended
 def test_accuracy_benchmark_times_a_run_to_its_thresholds(ray_head, tmp_path):
     results = tmp_path / "accuracy.json"
     out = run_benchmark("accuracy.py", "--json", str(results), "--seed", "3", "--", "--model", "cnn",

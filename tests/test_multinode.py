@@ -38,6 +38,7 @@ def two_nodes():
         cluster.stop()
 
 
+@pytest.mark.extended
 def test_two_workers_train_on_two_nodes_and_the_model_scores(
     two_nodes: LocalRayCluster, tmp_path: Path, mnist_arrays
 ):

@@ -27,7 +27,7 @@ from mnist_ray.score import output as scoring_output
 from mnist_ray.score.audit import audit
 from tests.test_worker_loss import _learning, latest_checkpoint_state
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.extended]
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 900  # a hang, not a slow machine: no timing is asserted
 EPOCHS, KILL_AFTER_EPOCH = 6, 2

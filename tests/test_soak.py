@@ -54,7 +54,7 @@ from tests.helpers import (
     write_kaggle_csv,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.extended]
 SEED = 20261201
 NIGHTS, NEW_MODEL_NIGHT, RETENTION_NIGHTS = 30, 16, 7
 FIRST_NIGHT = datetime.date(2026, 11, 1)

@@ -98,6 +98,7 @@ def search(tmp_path_factory, ray_head) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_interrupted_search_says_how_to_resume(search):
     assert search["first_rc"] == EXIT_INTERRUPTED, search["first_output"][-3000:]
     assert f"--resume {search['out']}" in search["first_output"]
@@ -105,6 +106,7 @@ def test_interrupted_search_says_how_to_resume(search):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_resume_keeps_the_finished_trial(search):
     # "trial <id> finished after 3 epochs: best val_acc 0.7167"
     words = search["finished_line"].split()
@@ -116,6 +118,7 @@ def test_resume_keeps_the_finished_trial(search):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_leaderboard_has_every_trial(search):
     board = search["board"]
     assert len(board) == TRIALS and board["trial"].is_unique
@@ -130,6 +133,7 @@ def test_leaderboard_has_every_trial(search):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_best_config_lies_in_the_space_and_tops_the_leaderboard(search):
     best = json.loads((search["out"] / tune_results.BEST_CONFIG_FILE).read_text())
     assert SPACE.contains(best)
@@ -141,6 +145,7 @@ def test_best_config_lies_in_the_space_and_tops_the_leaderboard(search):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_asha_stops_the_trial_with_an_absurd_learning_rate(search):
     board = search["board"]
     absurd = board[board["learning_rate"] > ABSURD_LEARNING_RATE]
@@ -151,6 +156,7 @@ def test_asha_stops_the_trial_with_an_absurd_learning_rate(search):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_retrained_best_model_is_a_run_that_scoring_accepts(search, mnist_arrays):
     run_dir = search["out"] / tune_results.BEST_MODEL_DIR
     best = json.loads((search["out"] / tune_results.BEST_CONFIG_FILE).read_text())
@@ -167,6 +173,7 @@ def test_retrained_best_model_is_a_run_that_scoring_accepts(search, mnist_arrays
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_the_search_and_its_retrained_model_are_tracked(search):
     """The resumed search logs itself (a child run per trial, from the driver's results) and registers
     its retrained model, into the session's MLflow store (tests/conftest.py)."""

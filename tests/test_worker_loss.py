@@ -20,7 +20,7 @@ import pytest
 from mnist_ray import artifacts
 from mnist_ray.cli import train_main
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.extended]
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 5
 KILL_AFTER_EPOCH = 2
