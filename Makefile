@@ -23,7 +23,7 @@ train: $(STAMP)
 
 # Which tests a target runs (pytest -m). `make test`, what CI runs, leaves the extended
 # scenarios (node loss, a month of nights, a worker killed mid-training, training across two
-# nodes, a search end to end, the training benchmarks: ~25 min more here) to `make test-all`.
+# nodes, a search end to end, the training benchmarks: ~30 min more here) to `make test-all`.
 MARKS ?= not extended
 
 # pytest exits 5 when it collected no tests: for us that is a failure, not a pass.
