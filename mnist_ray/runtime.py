@@ -9,6 +9,8 @@ import threading
 
 import ray
 
+from mnist_ray.errors import JobFailed
+
 # A Ray that a job starts for itself (no --address) serves this machine only.
 LOCAL_RAY_ENV = {
     # Every Ray process then listens on 127.0.0.1 alone. Ray 2.60 replaces a requested 127.0.0.1
@@ -46,7 +48,12 @@ def connect_ray(address: str | None) -> None:
     # Ray's core worker installs its own handlers (a SIGTERM then ends the job with a C++ stack
     # dump and exit code 134, seen on Ray 2.60): the job's own come back after it.
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+    try:
+        ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+    except Exception as exc:  # a node that did not come up in time is a bare Exception in Ray 2.60
+        where = f"the Ray cluster at {address}" if address else "Ray on this machine"
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise JobFailed(f"could not start or reach {where}: {first_line}") from exc
     _connected_here = True
     for signum, handler in handlers.items():
         if handler is not None and threading.current_thread() is threading.main_thread():
