@@ -36,14 +36,10 @@ PREDICTOR = "ray::MapWorker(MapBatches(Predictor))"
 
 
 @pytest.fixture(scope="module")
-def head():
-    """A head with 2 CPUs; each test adds its own second node (and kills it)."""
-    cluster = LocalRayCluster(num_cpus=2)
-    try:
-        cluster.start_head()
-        yield cluster
-    finally:
-        cluster.stop()
+def head(ray_head: LocalRayCluster) -> LocalRayCluster:
+    """The module's Ray head (conftest's ``ray_head``, 2 CPUs); each test adds its own second node
+    (and kills it)."""
+    return ray_head
 
 
 def alive_node_ids(cluster: LocalRayCluster) -> set[str]:
