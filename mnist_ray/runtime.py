@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
 
 import ray
@@ -48,6 +49,8 @@ def connect_ray(address: str | None) -> None:
     # Ray's core worker installs its own handlers (a SIGTERM then ends the job with a C++ stack
     # dump and exit code 134, seen on Ray 2.60): the job's own come back after it.
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    if address is not None:
+        check_something_answers(address)
     try:
         ray.init(address=address, logging_level="WARNING", log_to_driver=False)
     except Exception as exc:  # a node that did not come up in time is a bare Exception in Ray 2.60
@@ -64,6 +67,35 @@ def connect_ray(address: str | None) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+
+
+def check_something_answers(address: str, timeout: float = 10.0) -> None:
+    """Raise :class:`JobFailed` if nothing accepts a TCP connection at ``address``'s host and port.
+
+    Ray retries an address where nothing listens for a long time, silently (seen with Ray 2.60:
+    ``--address 127.0.0.1:1`` still waiting after 10 minutes): a typo in an address, or a
+    cluster that is down, must be one line at once. ``auto`` (Ray finds a cluster started on
+    this machine, and says so at once when there is none) and addresses without a port are
+    left to Ray.
+    """
+    target = address.removeprefix("ray://")
+    host, _, port = target.rpartition(":")
+    if address == "auto" or "/" in target or not host or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except socket.gaierror:
+        reason = f"no such host: {host}"
+    except TimeoutError:
+        reason = f"nothing answered at {host}:{port} within {timeout:.0f} s"
+    except ConnectionRefusedError:
+        reason = f"nothing listens at {host}:{port} (connection refused)"
+    except OSError as exc:
+        reason = f"{host}:{port}: {exc.strerror or exc}"
+    else:
+        return
+    raise JobFailed(f"could not reach the Ray cluster at {address}: {reason}")
 
 
 def beside_the_driver():

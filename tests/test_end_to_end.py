@@ -1,8 +1,13 @@
-"""End to end: `ray job submit` of the real job script to a real Ray head on 127.0.0.1."""
+"""End to end: `ray job submit` of the real job script to a real Ray head on 127.0.0.1, and a
+job given the address of a cluster that is not there."""
 
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,3 +41,22 @@ def test_a_failing_job_is_reported_as_failed(ray_head: LocalRayCluster, tmp_path
     )
     assert result.returncode != 0
     assert "missing.csv" in result.stdout + result.stderr
+
+
+def test_an_address_where_nothing_listens_is_one_line_at_once(tmp_path: Path):
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
+    env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
+    # Without the check Ray retries such an address silently for more than ten minutes.
+    result = subprocess.run(
+        [sys.executable, "jobs/train.py", "--smoke-test", "--address", address,
+         "--output-dir", str(tmp_path / "run")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines() == [
+        f"error: could not reach the Ray cluster at {address}: "
+        f"nothing listens at {address} (connection refused)"
+    ]
+    assert not (tmp_path / "run").exists()
