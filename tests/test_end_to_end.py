@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from mnist_ray.local_cluster import LocalRayCluster
+from mnist_ray.local_cluster import LocalRayCluster, free_port
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -44,9 +43,7 @@ def test_a_failing_job_is_reported_as_failed(ray_head: LocalRayCluster, tmp_path
 
 
 def test_an_address_where_nothing_listens_is_one_line_at_once(tmp_path: Path):
-    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
-        probe.bind(("127.0.0.1", 0))
-        address = f"127.0.0.1:{probe.getsockname()[1]}"
+    address = f"127.0.0.1:{free_port()}"  # free a moment ago: nothing listens there
     env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
     # Without the check Ray retries such an address silently for more than ten minutes.
     result = subprocess.run(
